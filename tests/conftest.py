@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny random mlx-lm models for every architecture in the table."""
+
+import importlib
+import json
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten, tree_map_with_path
+
+_COMMON = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    vocab_size=128,
+    tie_word_embeddings=False,
+)
+
+TINY_CONFIGS = {
+    "llama": dict(_COMMON),
+    "mistral": dict(_COMMON),
+    "qwen2": dict(_COMMON),
+    "qwen3": dict(_COMMON, head_dim=16, max_position_embeddings=512, rope_theta=10000.0),
+    "granite": dict(
+        _COMMON,
+        logits_scaling=2.0,
+        attention_multiplier=0.25,
+        embedding_multiplier=2.0,
+        residual_multiplier=0.5,
+        max_position_embeddings=512,
+        attention_bias=False,
+        mlp_bias=False,
+        rope_theta=10000.0,
+    ),
+    "smollm3": dict(_COMMON, no_rope_layer_interval=4),
+    "cohere": dict(_COMMON, layer_norm_eps=1e-5, logit_scale=0.5),
+    "gemma": dict(_COMMON, head_dim=16),
+    "gemma2": dict(_COMMON, head_dim=16),
+    "gemma3_text": dict(_COMMON, head_dim=16, sliding_window=16, sliding_window_pattern=2),
+    "phi3": dict(_COMMON),
+    "phi": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+    ),
+    "gpt2": dict(n_ctx=128, n_embd=64, n_head=4, n_layer=2, n_positions=128, layer_norm_epsilon=1e-5, vocab_size=128),
+    "gpt_neox": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        num_attention_heads=4,
+        vocab_size=128,
+        layer_norm_eps=1e-5,
+        rotary_emb_base=10000,
+        rotary_pct=0.25,
+        max_position_embeddings=128,
+    ),
+    "starcoder2": dict(_COMMON),
+    "qwen3_moe": dict(
+        _COMMON,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        moe_intermediate_size=32,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+        norm_topk_prob=True,
+    ),
+    "mixtral": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(_COMMON, num_experts=4, num_experts_per_tok=2, intermediate_size=32),
+}
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    """A tiny random float32 mlx-lm model of ``model_type``."""
+    from mlx_lm.utils import _get_classes
+
+    config = {"model_type": model_type, **TINY_CONFIGS[model_type], **overrides}
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    # Norm weights and biases start constant; randomise them so no test passes by symmetry.
+    model.update(
+        tree_map_with_path(
+            lambda path, p: p + 0.1 * mx.random.normal(p.shape) if p.ndim == 1 else p,
+            model.parameters(),
+        )
+    )
+    mx.eval(model.parameters())
+    return model
+
+
+def save_tiny_model(model, path, config: dict, tokenizer_dir=None):
+    """Write ``model`` as an mlx-lm folder (config.json + model.safetensors)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model
+
+
+def tiny_input(seed=1, batch=2, length=12, vocab=128):
+    return mx.random.randint(0, vocab, (batch, length), key=mx.random.key(seed))
