@@ -1,0 +1,269 @@
+"""Rebuild a Hugging Face tokenizer from a GGUF's ``tokenizer.ggml.*`` metadata.
+
+The result tokenizes exactly like llama.cpp (``llama_tokenize`` with
+``parse_special=True``): BPE vocabularies get llama.cpp's pre-tokenizer regexes
+for their ``tokenizer.ggml.pre`` name, SentencePiece (``llama``) vocabularies get
+llama.cpp's score-ordered merges, ``▁`` escaping and byte fallback.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import gguf
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
+from tokenizers import normalizers, pre_tokenizers, processors
+
+T = gguf.TokenType
+
+# llama.cpp's whitespace set (Unicode White_Space); used for \s and \S so the
+# regex engine's own idea of whitespace never matters.
+_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+# Pre-tokenizer regexes, verbatim from llama.cpp src/llama-vocab.cpp
+# (llm_tokenizer_bpe). GPT-2's carries the trailing \s+ that llama.cpp's
+# hand-written GPT-2 splitter implements.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3 = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_DEFAULT = [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"]
+
+# pre name -> (regexes, ignore_merges, add_bos default); names as llama.cpp.
+_PRE = {
+    **dict.fromkeys(["default"], (_DEFAULT, False, False)),
+    **dict.fromkeys(["gpt-2", "phi-2", "mpt", "olmo", "jais"], ([_GPT2], False, False)),
+    **dict.fromkeys(
+        ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"],
+        ([r"\p{N}", _GPT2], False, False),
+    ),
+    **dict.fromkeys(
+        ["qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"], ([_QWEN2], False, False)
+    ),
+    **dict.fromkeys(
+        ["llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral"], ([_LLAMA3], True, True)
+    ),
+    **dict.fromkeys(["dbrx", "smaug-bpe"], ([_LLAMA3], False, False)),
+}
+
+# Tokens llama.cpp marks CONTROL by their text whatever their stored type
+# (EOT/EOG/FIM auto-detection in llama_vocab::impl::load).
+_FORCED_CONTROL = {
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+    "<|end_of_text|>", "<EOT>", "_<EOT>", "<end_of_utterance>", "<|eom_id|>",
+    "<|return|>", "<|call|>", "</s>", "<eos>",
+    "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<PRE>", "▁<PRE>",
+    "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<SUF>", "▁<SUF>",
+    "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<MID>", "▁<MID>",
+    "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>",
+    "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>",
+    "<|file_sep|>",
+}
+
+_SPM_DECODER = [
+    decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()
+]
+
+
+def _llama_regex(expr: str) -> str:
+    """Spell \\s and \\S of a llama.cpp regex with llama.cpp's whitespace set."""
+    out, inside, i = [], False, 0
+    while i < len(expr):
+        c = expr[i]
+        if c == "\\" and i + 1 < len(expr):
+            nxt = expr[i + 1]
+            if nxt == "s":
+                out.append(_WS if inside else f"[{_WS}]")
+            elif nxt == "S":
+                out.append(f"[^{_WS}]")
+            else:
+                out.append(expr[i : i + 2])
+            i += 2
+            continue
+        inside = (c == "[") or (inside and c != "]")
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _vocab(reader):
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ValueError("GGUF has no tokenizer.ggml.tokens: it carries no vocabulary")
+    tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+    types = _field(reader, "tokenizer.ggml.token_type") or [T.NORMAL] * len(tokens)
+    types = [
+        T.CONTROL if (t == T.NORMAL and s in _FORCED_CONTROL) else t
+        for s, t in zip(tokens, types)
+    ]
+    vocab = {}
+    for i, s in enumerate(tokens):
+        if vocab.setdefault(s, i) != i:
+            raise ValueError(f"duplicate token {s!r} in GGUF vocabulary (ids {vocab[s]}, {i})")
+    return tokens, types, vocab
+
+
+def _special_id(reader, name):
+    return _field(reader, f"tokenizer.ggml.{name}_token_id")
+
+
+def _spm_merges(tokens, scores, vocab):
+    """Every split of every token into two tokens, best score first: llama.cpp's
+    SPM tokenizer merges the adjacent pair whose concatenation scores highest."""
+    ranked = []
+    for i, s in enumerate(tokens):
+        for k in range(1, len(s)):
+            if s[:k] in vocab and s[k:] in vocab:
+                ranked.append((-scores[i], i, k))
+    ranked.sort()
+    return [(tokens[i][:k], tokens[i][k:]) for _, i, k in ranked]
+
+
+def _bpe_merges(reader, vocab):
+    merges, seen = [], set()
+    for m in _field(reader, "tokenizer.ggml.merges") or []:
+        pos = m.find(" ", 1)  # as llama.cpp: a merge may start with a space
+        a, b = (m[:pos], m[pos + 1 :]) if pos > 0 else ("", "")
+        if a and b and (a, b) not in seen and a in vocab and b in vocab and a + b in vocab:
+            seen.add((a, b))
+            merges.append((a, b))
+    return merges
+
+
+def _build_bpe(reader, tokens, vocab):
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    if pre not in _PRE:
+        raise ValueError(
+            f"unsupported tokenizer.ggml.pre {pre!r}; supported: {', '.join(sorted(_PRE))}"
+        )
+    regexes, ignore_merges, _ = _PRE[pre]
+    tok = Tokenizer(
+        models.BPE(vocab, _bpe_merges(reader, vocab), ignore_merges=ignore_merges)
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(_llama_regex(r)), "isolated") for r in regexes]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _build_spm(reader, tokens, vocab):
+    scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    unk = _special_id(reader, "unknown")
+    tok = Tokenizer(
+        models.BPE(
+            vocab,
+            _spm_merges(tokens, scores, vocab),
+            unk_token=tokens[0 if unk is None else unk],
+            byte_fallback=True,
+            fuse_unk=True,
+        )
+    )
+    prefix = _field(reader, "tokenizer.ggml.add_space_prefix", True)
+    tok.normalizer = normalizers.Sequence(
+        ([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")]
+    )
+    tok.decoder = decoders.Sequence(
+        _SPM_DECODER + ([decoders.Strip(" ", 1, 0)] if prefix else [])
+    )
+    return tok
+
+
+_MODELS = {"gpt2": _build_bpe, "llama": _build_spm}
+
+
+def _add_flags(reader):
+    """(add_bos, add_eos) as llama.cpp decides them: metadata, else its defaults."""
+    model = _field(reader, "tokenizer.ggml.model")
+    pre = _PRE.get(_field(reader, "tokenizer.ggml.pre", "default"), (None, None, False))
+    add_bos = _field(reader, "tokenizer.ggml.add_bos_token", model == "llama" or pre[2])
+    return bool(add_bos), bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
+
+
+def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
+    """A ``tokenizers.Tokenizer`` that tokenizes like llama.cpp on this GGUF."""
+    model = _field(reader, "tokenizer.ggml.model")
+    if model not in _MODELS:
+        raise ValueError(
+            f"unsupported tokenizer.ggml.model {model!r}; supported: {', '.join(_MODELS)}"
+        )
+    tokens, types, vocab = _vocab(reader)
+    tok = _MODELS[model](reader, tokens, vocab)
+    added = [
+        AddedToken(s, special=t != T.USER_DEFINED, normalized=False)
+        for s, t in zip(tokens, types)
+        if t in (T.CONTROL, T.USER_DEFINED, T.UNKNOWN)
+    ]
+    tok.add_tokens(added)
+    ends = [
+        (tokens[i], i)
+        for add, i in zip(_add_flags(reader), (_special_id(reader, "bos"), _special_id(reader, "eos")))
+        if add and i is not None
+    ]
+    if ends:
+        bos = [s for s, i in ends if i == _special_id(reader, "bos")][:1]
+        eos = [s for s, i in ends if i == _special_id(reader, "eos")][-1:]
+        single = bos + ["$A"] + eos
+        tok.post_processor = processors.TemplateProcessing(
+            single=" ".join(single), pair=" ".join(single + bos + ["$B"] + eos), special_tokens=ends
+        )
+    return tok
+
+
+def _token_text(reader, tokens, name):
+    i = _special_id(reader, name)
+    return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+
+def tokenizer_config(reader: gguf.GGUFReader, tok: Tokenizer) -> dict:
+    """tokenizer_config.json contents: special tokens, BOS/EOS flags, chat template."""
+    tokens = [tok.id_to_token(i) for i in range(tok.get_vocab_size())]
+    add_bos, add_eos = _add_flags(reader)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+    }
+    for name, key in [("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")]:
+        text = _token_text(reader, tokens, key)
+        if text is not None:
+            config[f"{name}_token"] = text
+    template = _field(reader, "tokenizer.chat_template")
+    if template:
+        config["chat_template"] = template
+    return config
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_tokenizer_files(reader: gguf.GGUFReader, out_dir: Path) -> None:
+    """Write tokenizer.json and tokenizer_config.json for this GGUF into out_dir."""
+    out_dir = Path(out_dir)
+    tok = build_tokenizer(reader)
+    config = tokenizer_config(reader, tok)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / "tokenizer.json", tok.to_str())
+    _write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
