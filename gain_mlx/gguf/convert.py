@@ -1,0 +1,159 @@
+"""GGUF file -> mlx-lm model folder, and a cache of such conversions."""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+import mlx.core as mx
+from gguf import GGUFReader
+
+from . import GGUFImportError
+from .config import arch_spec, gguf_config
+from .tokenizer import write_tokenizer_files
+from .weights import gguf_weights
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+MAX_SHARD_BYTES = 5 << 30  # as mlx-lm
+CACHE_VERSION = "1"  # bump when the conversion's output changes
+
+
+def open_gguf(path) -> GGUFReader:
+    """Open a GGUF file read-only, with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFImportError(f"GGUF file not found: {path}")
+    try:
+        return GGUFReader(path, "r")
+    except ValueError as e:
+        raise GGUFImportError(f"{path} is not a readable GGUF file ({e})") from None
+
+
+def _mlx_arrays(
+    weights, dtype: str, q_bits: Optional[int], q_group_size: int
+) -> Iterator[Tuple[str, mx.array]]:
+    for name, w in weights:
+        a = mx.array(w).astype(DTYPES[dtype])
+        del w
+        if q_bits and name.endswith(".weight") and a.ndim == 2 and a.shape[-1] % q_group_size == 0:
+            wq, scales, biases = mx.quantize(a, group_size=q_group_size, bits=q_bits)
+            mx.eval(wq, scales, biases)
+            prefix = name[: -len("weight")]
+            yield name, wq
+            yield prefix + "scales", scales
+            yield prefix + "biases", biases
+        else:
+            mx.eval(a)
+            yield name, a
+
+
+def _write_shards(out_dir: Path, arrays, max_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write safetensors shards as the stream fills them; only one shard is ever held."""
+    shards, shard, size, total = [], {}, 0, 0
+
+    def flush():
+        path = out_dir / f"shard-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(path), shard, metadata={"format": "mlx"})
+        shards.append((path, list(shard)))
+
+    for name, a in arrays:
+        if shard and size + a.nbytes > max_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[name] = a
+        size += a.nbytes
+        total += a.nbytes
+    flush()
+    if len(shards) == 1:
+        shards[0][0].rename(out_dir / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (path, names) in enumerate(shards, 1):
+        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        path.rename(out_dir / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_model(
+    reader: GGUFReader,
+    out_dir: Path,
+    dtype: str = "float32",
+    q_bits: Optional[int] = None,
+    q_group_size: int = 64,
+) -> dict:
+    """Write config.json and the safetensors weights of ``reader`` into ``out_dir``."""
+    if dtype not in DTYPES:
+        raise GGUFImportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    config = gguf_config(reader)
+    weights = gguf_weights(reader, config, arch_spec(reader))
+    _write_shards(Path(out_dir), _mlx_arrays(weights, dtype, q_bits, q_group_size))
+    if q_bits:
+        quant = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
+        config["quantization"] = config["quantization_config"] = quant
+    config["torch_dtype"] = dtype
+    (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return config
+
+
+def convert_gguf(
+    gguf_path,
+    out_dir,
+    dtype: str = "float32",
+    q_bits: Optional[int] = None,
+    q_group_size: int = 64,
+) -> Path:
+    """Convert a GGUF file into an mlx-lm model folder (weights, config, tokenizer).
+
+    The folder is built next to ``out_dir`` and renamed into place only when
+    complete; an existing non-empty ``out_dir`` is never touched.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists and is not empty; choose another --out")
+    reader = open_gguf(gguf_path)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write_model(reader, tmp, dtype, q_bits, q_group_size)
+        write_tokenizer_files(reader, tmp)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def cache_root() -> Path:
+    root = os.environ.get("GAIN_MLX_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "gain_mlx") / "gguf"
+
+
+def cache_key(gguf_path, dtype: str) -> str:
+    """Folder name for a conversion: the file's resolved path, size, mtime and dtype."""
+    path = Path(gguf_path).resolve()
+    st = path.stat()
+    ident = f"{path}|{st.st_size}|{st.st_mtime_ns}|{dtype}|{CACHE_VERSION}"
+    return f"{path.stem}-{dtype}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+def cached_convert(gguf_path, dtype: str = "float32") -> Path:
+    """Return an mlx-lm folder for ``gguf_path``, converting it only on first use."""
+    if not Path(gguf_path).is_file():
+        raise GGUFImportError(f"GGUF file not found: {gguf_path}")
+    out = cache_root() / cache_key(gguf_path, dtype)
+    if (out / "config.json").is_file():
+        print(f"[gain_mlx] using cached conversion of {gguf_path}: {out}", file=sys.stderr)
+        return out
+    print(f"[gain_mlx] converting {gguf_path} ({dtype}) -> {out}", file=sys.stderr)
+    try:
+        convert_gguf(gguf_path, out, dtype=dtype)
+    except OSError:  # another process may have finished the same conversion first
+        if not (out / "config.json").is_file():
+            raise
+    return out

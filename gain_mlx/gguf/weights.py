@@ -1,0 +1,107 @@
+"""GGUF tensors -> mlx-lm weights, streamed one tensor at a time."""
+
+from typing import Dict, Iterator, Tuple
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, MODEL_ARCH_NAMES, TensorNameMap
+from gguf.quants import dequantize
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes
+
+from . import GGUFImportError
+from .config import ArchSpec, Metadata
+
+_SUFFIXES = (".weight", ".bias")
+
+
+def model_parameter_shapes(config: dict) -> Dict[str, Tuple[int, ...]]:
+    """Parameter names and shapes of the mlx-lm model for ``config`` (nothing is allocated)."""
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+
+
+def name_map(arch: str, n_layers: int, mlx_names) -> Dict[str, str]:
+    """GGUF tensor name -> mlx-lm parameter name, from gguf-py's own name table."""
+    by_value = {v: k for k, v in MODEL_ARCH_NAMES.items()}
+    table = TensorNameMap(by_value[arch], n_layers)
+    mlx_names = set(mlx_names)
+    mapping = {}
+    for hf_name, (_, gguf_name) in table.mapping.items():
+        for suffix in _SUFFIXES:
+            if hf_name + suffix in mlx_names:
+                mapping[gguf_name + suffix] = hf_name + suffix
+    return mapping
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's ``permute`` of Q/K rows (interleaved -> half-split RoPE)."""
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def check_types(reader: GGUFReader) -> None:
+    """Fail before any work if a tensor's ggml type cannot be dequantized by gguf-py."""
+    seen = {}
+    for t in reader.tensors:
+        seen.setdefault(t.tensor_type, t)
+    for qtype, t in seen.items():
+        try:
+            dequantize(t.data[:1], qtype)
+        except NotImplementedError:
+            raise GGUFImportError(
+                f"tensor {t.name!r} has ggml type {qtype.name}, which gguf-py cannot "
+                "dequantize; requantize the GGUF to a supported type (e.g. Q8_0) first"
+            ) from None
+
+
+def _dequantize(t) -> np.ndarray:
+    shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+    if t.tensor_type == GGMLQuantizationType.F32:
+        return np.array(t.data, dtype=np.float32).reshape(shape)
+    return dequantize(t.data, t.tensor_type).reshape(shape)
+
+
+def gguf_weights(
+    reader: GGUFReader, config: dict, spec: ArchSpec
+) -> Iterator[Tuple[str, np.ndarray]]:
+    """Yield ``(mlx-lm name, float32 array)`` one tensor at a time, in mlx-lm layout.
+
+    Raises GGUFImportError for tensors that have no place in the mlx-lm model,
+    shape mismatches and missing parameters.
+    """
+    check_types(reader)
+    shapes = model_parameter_shapes(config)
+    if "output.weight" not in {t.name for t in reader.tensors}:
+        shapes.pop("lm_head.weight", None)  # tied: mlx-lm drops lm_head on load
+    names = name_map(Metadata(reader).arch, config["num_hidden_layers"], shapes)
+    heads = {
+        "attn_q": config["num_attention_heads"],
+        "attn_k": config["num_key_value_heads"],
+    }
+    done = set()
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # folded into config["rope_scaling"]
+            continue
+        name = names.get(t.name)
+        if name is None:
+            raise GGUFImportError(
+                f"GGUF tensor {t.name!r} has no counterpart in mlx-lm's "
+                f"{config['model_type']} model; this variant is not supported"
+            )
+        w = _dequantize(t)
+        if w.shape != shapes[name]:
+            raise GGUFImportError(
+                f"GGUF tensor {t.name!r} has shape {w.shape} but mlx-lm's "
+                f"{name} expects {shapes[name]}: metadata and tensors disagree"
+            )
+        kind = t.name.split(".")[-2]
+        if spec.permute_qk and kind in heads:
+            w = unpermute_qk(w, heads[kind])
+        if spec.norm_shift and t.name.endswith("norm.weight"):
+            w = w - np.float32(spec.norm_shift)
+        done.add(name)
+        yield name, w
+    missing = sorted(set(shapes) - done)
+    if missing:
+        raise GGUFImportError(f"GGUF file lacks tensors for {missing[:4]} ...")
