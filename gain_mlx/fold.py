@@ -39,15 +39,14 @@ class FoldStep:
     factor: np.ndarray
 
 
-def _producer_out(target: Target, n: int, layout: HeadLayout) -> int:
-    """Output rows of the producer, from the head layout (n = rows that feed the target)."""
+def _qkv_rows(target: Target, layout: HeadLayout) -> np.ndarray:
+    """The V rows of a fused qkv producer, in the target's input order."""
     hd = layout.head_dim
-    return {
-        "all": n,
-        "up": 2 * n,
+    producer_out = {
         "v": (layout.n_heads + 2 * layout.n_kv_heads) * hd,
         "v_per_head": 3 * layout.n_heads * hd,
     }[target.producer_rows]
+    return producer_row_index(target, producer_out, layout)
 
 
 def _attention_v_factor(gain: np.ndarray, layout: Optional[HeadLayout]) -> Optional[np.ndarray]:
@@ -90,10 +89,10 @@ def fold_step(
     n = factor.shape[-1]
     if target.producer_rows == "all":
         rows = None
-    elif layout is None:
-        return columns
-    else:
-        rows = producer_row_index(target, _producer_out(target, n, layout), layout)
+    elif target.producer_rows == "up":  # gate|up stacked: the second half
+        rows = np.arange(n, 2 * n)
+    else:  # an attention factor exists only with a layout
+        rows = _qkv_rows(target, layout)
     return FoldStep(target.path, target.producer, "rows", rows, factor)
 
 
