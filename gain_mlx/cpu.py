@@ -1,0 +1,218 @@
+"""CPU speed: an optimized BLAS for MLX on Linux, and float copies of quantized models.
+
+The Linux ``mlx[cpu]`` wheel links the netlib reference BLAS (``mlx_cpu.libs/libblas-*.so``),
+20-40x slower than an optimized one. ``LD_PRELOAD`` of a library that exports the standard
+``cblas_sgemm`` / ``sgemm_`` symbols replaces it, but only if set before the process starts,
+so :func:`ensure_fast_blas` re-executes the running CLI once with ``LD_PRELOAD`` set.
+
+Quantized matmuls do not use BLAS at all on CPU; :func:`dequantize_model` gives a float
+copy to train on (gains are still folded into the original quantized model afterwards).
+"""
+
+import copy
+import ctypes
+import glob
+import os
+import platform
+import sys
+import sysconfig
+from importlib.util import find_spec
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+ENV_SWITCH = "GAIN_MLX_FAST_BLAS"  # "0" turns the fast path off
+ENV_GUARD = "GAIN_MLX_FAST_BLAS_EXEC"  # set in the re-executed process
+INSTALL_HINT = "apt-get install libopenblas0-pthread (or: pip install cmeel-openblas)"
+
+# Optimized BLAS libraries exporting the standard symbols, best first. Each entry is a
+# glob; "{arch}" is the Debian multiarch triple, "{site}" the site-packages folder and
+# "{prefix}" sys.prefix (pip wheels installing under the environment).
+CANDIDATES = (
+    ("OpenBLAS (system)", "/usr/lib/{arch}/openblas-pthread/libblas.so.3"),
+    ("OpenBLAS (system)", "/usr/lib/{arch}/openblas-pthread/libopenblas.so.0"),
+    ("OpenBLAS (system)", "/usr/lib/{arch}/libopenblas.so.0"),
+    ("OpenBLAS (system)", "/usr/lib64/libopenblasp.so.0"),
+    ("OpenBLAS (system)", "/usr/lib64/libopenblas.so.0"),
+    ("OpenBLAS (pip cmeel-openblas)", "{site}/cmeel.prefix/lib/libopenblas.so.0"),
+    ("MKL (pip mkl)", "{prefix}/lib/libmkl_rt.so.[0-9]*"),
+)
+
+
+def stock_blas():
+    """Path of the reference BLAS shipped in the mlx[cpu] wheel, or None."""
+    spec = find_spec("mlx")
+    if sys.platform != "linux" or spec is None or not spec.submodule_search_locations:
+        return None
+    site = os.path.dirname(list(spec.submodule_search_locations)[0])
+    found = sorted(glob.glob(os.path.join(site, "mlx_cpu.libs", "libblas-*.so*")))
+    return found[0] if found else None
+
+
+def _exports_cblas(path):
+    try:
+        return hasattr(ctypes.CDLL(path), "cblas_sgemm")
+    except OSError:  # missing dependency (e.g. libgfortran5) or wrong architecture
+        return False
+
+
+def find_fast_blas():
+    """(name, path) of the first usable optimized BLAS on this machine, or None."""
+    fields = {
+        "arch": sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu",
+        "site": sysconfig.get_paths()["purelib"],
+        "prefix": sys.prefix,
+    }
+    for name, pattern in CANDIDATES:
+        for path in sorted(glob.glob(pattern.format(**fields))):
+            if _exports_cblas(path):
+                return name, path
+    return None
+
+
+def preloaded_blas():
+    """Path of a BLAS preloaded into this process (``LD_PRELOAD``), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return None
+    preload = os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    mapped = (p for p in preload if os.path.realpath(p) in maps or p in maps)
+    return next((p for p in mapped if _exports_cblas(p)), None)
+
+
+def _say(message):
+    print(f"[gain_mlx] {message}", file=sys.stderr, flush=True)
+
+
+def add_fast_blas_argument(parser):
+    """Add ``--no-fast-blas`` to a CLI's argparse parser (dest ``fast_blas``)."""
+    parser.add_argument(
+        "--no-fast-blas",
+        dest="fast_blas",
+        action="store_false",
+        help=f"Linux CPU: keep mlx's reference BLAS instead of preloading an optimized "
+        f"one (same as {ENV_SWITCH}=0)",
+    )
+
+
+def ensure_fast_blas(enabled=True):
+    """Make MLX on a Linux CPU use an optimized BLAS; call first thing in a CLI's main().
+
+    Re-executes the running command once (``sys.orig_argv``) with ``LD_PRELOAD`` set when
+    an optimized BLAS is installed. Does nothing off Linux, without the stock mlx[cpu]
+    BLAS, or when called from a function that is not the program's ``__main__`` (e.g.
+    from tests), so it never replaces a process that did not ask for it. Prints one line
+    saying which BLAS is used.
+    """
+    if stock_blas() is None:
+        return
+    if os.environ.get(ENV_GUARD):
+        if path := preloaded_blas():
+            _say(f"MLX CPU matmuls use {path} ({ENV_SWITCH}=0 or --no-fast-blas: off)")
+        else:
+            _say("preloading the optimized BLAS failed; MLX uses its slow reference BLAS")
+        return
+    if not enabled or os.environ.get(ENV_SWITCH) == "0":
+        _say("fast BLAS off: MLX CPU matmuls use the slow reference BLAS")
+        return
+    if preloaded_blas():
+        return
+    found = find_fast_blas()
+    if found is None:
+        _say(f"MLX CPU training is 20-40x faster with an optimized BLAS: {INSTALL_HINT}")
+        return
+    if sys._getframe(1).f_globals.get("__name__") != "__main__":
+        return
+    env = dict(os.environ, **{ENV_GUARD: "1"})
+    env["LD_PRELOAD"] = " ".join(filter(None, [found[1], os.environ.get("LD_PRELOAD")]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def copy_model(value):
+    """A copy of a model's module structure sharing its arrays (no weight memory).
+
+    Wrapping or replacing layers in the copy (gains, LoRA, float layers) leaves the
+    original untouched; MLX arrays are never changed in place, so sharing them is safe.
+    """
+    if isinstance(value, nn.Module):
+        new = copy.copy(value)
+        object.__setattr__(new, "_no_grad", set(value._no_grad))
+        for key, child in value.items():
+            dict.__setitem__(new, key, copy_model(child))
+        return new
+    if isinstance(value, (list, tuple)):
+        return type(value)(copy_model(v) for v in value)
+    if isinstance(value, dict):
+        return {k: copy_model(v) for k, v in value.items()}
+    return value
+
+
+def _dequantized_weight(layer, dtype):
+    return mx.dequantize(
+        layer["weight"],
+        layer["scales"],
+        layer.get("biases"),
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+        global_scale=layer.get("global_scale"),
+        dtype=dtype,
+    )
+
+
+def _float_linear(layer, dtype):
+    out_dims = layer["weight"].shape[0]
+    new = nn.Linear(1, out_dims, bias="bias" in layer)
+    new.weight = _dequantized_weight(layer, dtype)
+    return new
+
+
+def _float_switch_linear(layer, dtype):
+    new = SwitchLinear(1, layer.output_dims, layer.num_experts, bias="bias" in layer)
+    new.weight = _dequantized_weight(layer, dtype)
+    return new
+
+
+def _float_embedding(layer, dtype):
+    new = nn.Embedding(1, 1)
+    new.weight = _dequantized_weight(layer, dtype)
+    return new
+
+
+# quantized layer type -> builder of the float layer holding the dequantized weight
+FLOAT_LAYERS = (
+    (QuantizedSwitchLinear, _float_switch_linear),
+    (nn.QuantizedLinear, _float_linear),
+    (nn.QuantizedEmbedding, _float_embedding),
+)
+
+
+def dequantize_model(model, dtype=mx.float32):
+    """A copy of ``model`` whose quantized layers are float layers (dequantized once).
+
+    On CPU, quantized and half-precision matmuls bypass BLAS and run at a few GFLOP/s;
+    the float32 copy trains many times faster. ``model`` is not changed: train gains on
+    the copy, then fold them into the original quantized model (same module paths).
+    Layer biases are kept as they are; new layers are frozen like the quantized ones.
+    """
+    new = copy_model(model)
+    replaced = []
+    for path, layer in new.named_modules():
+        for qtype, build in FLOAT_LAYERS:
+            if isinstance(layer, qtype):
+                float_layer = build(layer, dtype)
+                if "bias" in float_layer:
+                    float_layer.bias = layer["bias"]
+                float_layer.freeze()
+                replaced.append((path, float_layer))
+                break
+    if replaced:
+        new.update_modules(tree_unflatten(replaced))
+        mx.eval(new.parameters())
+    return new

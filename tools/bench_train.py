@@ -1,0 +1,255 @@
+"""Training step time and peak memory: GAIN against the frozen-model floor and LoRA.
+
+One model, one batch shape, one process; configurations are timed interleaved (round
+robin) so that load from other processes hits them alike. Each step is one mlx-lm style
+compiled training step (loss, gradients, Adam update). The floor is the frozen model's
+forward and backward with a single trainable scalar on the embedding output: the least
+any adapter that trains through the whole network can cost.
+
+    python tools/bench_train.py --preset tiny
+    python tools/bench_train.py --preset smollm2 --json bench.json
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.trainer import grad_checkpoint
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gain_mlx import cpu  # noqa: E402
+from gain_mlx.adapter import apply_gains  # noqa: E402
+from gain_mlx.arch import find_targets, get_module  # noqa: E402
+
+CONFIGS = ("floor", "gain", "gain-ffn", "lora-r8", "lora-default")
+LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}  # mlx-lm's defaults
+LORA_DEFAULT_LAYERS = 16  # mlx-lm lora --num-layers default
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "intermediate_size": 688,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 4096,
+    "tie_word_embeddings": True,
+}
+
+# preset -> (loader, default batch size, default sequence length)
+PRESETS = {
+    "tiny": ("tiny", 4, 128),
+    "smollm2": ("smollm2", 2, 256),
+}
+
+
+def load_preset(name):
+    if name == "tiny":
+        from mlx_lm.models import llama
+
+        mx.random.seed(0)
+        model = llama.Model(llama.ModelArgs.from_dict(TINY_LLAMA))
+        mx.eval(model.parameters())
+        return model
+    from gain_mlx.loading import load_model
+
+    return load_model(None)[0]
+
+
+class ScaledEmbedding(nn.Module):
+    """The floor's only trainable parameter: one scalar on the embedding output."""
+
+    def __init__(self, embedding):
+        super().__init__()
+        self.embedding = embedding
+        self.scale = mx.ones((1,))
+
+    def __call__(self, x):
+        h = self.embedding(x)
+        return h * self.scale.astype(h.dtype)
+
+    def as_linear(self, x):
+        return self.embedding.as_linear(x)
+
+
+def _set_module(model, path, module):
+    model.update_modules(tree_unflatten([(path, module)]))
+
+
+def add_floor(model):
+    model.freeze()
+    path, emb = next(
+        (p, m) for p, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))
+    )
+    _set_module(model, path, ScaledEmbedding(emb))
+
+
+def add_lora_r8(model):
+    model.freeze()
+    for t in find_targets(model, "gain-ffn"):
+        layer = get_module(model, t.path)
+        _set_module(model, t.path, LoRALinear.from_base(layer, r=LORA["rank"], scale=LORA["scale"]))
+
+
+def add_lora_default(model):
+    model.freeze()
+    linear_to_lora_layers(model, LORA_DEFAULT_LAYERS, LORA)
+
+
+# config name -> how to make the base copy trainable
+ADAPTERS = {
+    "floor": add_floor,
+    "gain": partial(apply_gains, variant="gain"),
+    "gain-ffn": partial(apply_gains, variant="gain-ffn"),
+    "lora-r8": add_lora_r8,
+    "lora-default": add_lora_default,
+}
+
+
+def loss_fn(model, inputs, targets):
+    logits = model(inputs)
+    return nn.losses.cross_entropy(logits, targets).astype(mx.float32).mean()
+
+
+def make_step(model, compile_step=True):
+    """An mlx-lm style training step: value_and_grad, Adam update, compiled over state."""
+    opt = optim.Adam(learning_rate=1e-5)
+    opt.init(model.trainable_parameters())
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, opt.state]
+
+    def step(inputs, targets):
+        loss, grads = value_and_grad(model, inputs, targets)
+        opt.update(model, grads)
+        return loss
+
+    if compile_step:
+        step = mx.compile(step, inputs=state, outputs=state)
+    return step, state
+
+
+def build(base, names, dequantize, compile_step):
+    """{label: (step, state, n_trainable)} on structure copies sharing base's weights."""
+    bases = {"": base}
+    if dequantize in ("yes", "both"):
+        bases["+deq"] = cpu.dequantize_model(base)
+        if dequantize == "yes":
+            del bases[""]
+    runs = {}
+    for suffix, b in bases.items():
+        for name in names:
+            model = cpu.copy_model(b)
+            ADAPTERS[name](model)
+            step, state = make_step(model, compile_step)
+            n = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+            runs[name + suffix] = (step, state, n)
+    return runs
+
+
+def run_bench(runs, batch, steps, warmup):
+    """Median step seconds and peak memory per config, timed round robin."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    for step, state, _ in runs.values():
+        for _ in range(warmup):
+            mx.eval(step(inputs, targets), state)
+    times = {k: [] for k in runs}
+    peaks = {k: 0 for k in runs}
+    for _ in range(steps):
+        for name, (step, state, _) in runs.items():
+            mx.reset_peak_memory()
+            tic = time.perf_counter()
+            mx.eval(step(inputs, targets), state)
+            times[name].append(time.perf_counter() - tic)
+            peaks[name] = max(peaks[name], mx.get_peak_memory())
+    ntok = inputs.size
+    return {
+        name: {
+            "step_s": statistics.median(times[name]),
+            "peak_mem_gb": peaks[name] / 1e9,
+            "tokens_per_s": ntok / statistics.median(times[name]),
+            "trainable": runs[name][2],
+            "step_s_all": times[name],
+        }
+        for name in runs
+    }
+
+
+def report(results):
+    floor = results.get("floor", results.get("floor+deq"))
+    lora = results.get("lora-r8", results.get("lora-r8+deq"))
+    head = f"{'config':<18}{'params':>10}{'step ms':>10}{'x floor':>9}{'x lora-r8':>10}"
+    head += f"{'peak GB':>9}{'mem x lora':>11}{'tok/s':>9}"
+    print(head)
+    for name, r in results.items():
+        xf = f"{r['step_s'] / floor['step_s']:.3f}" if floor else "-"
+        xl = f"{r['step_s'] / lora['step_s']:.3f}" if lora else "-"
+        xm = f"{r['peak_mem_gb'] / lora['peak_mem_gb']:.3f}" if lora else "-"
+        print(
+            f"{name:<18}{r['trainable']:>10,}{r['step_s'] * 1e3:>10.1f}{xf:>9}{xl:>10}"
+            f"{r['peak_mem_gb']:>9.3f}{xm:>11}{r['tokens_per_s']:>9.1f}"
+        )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=PRESETS, default="tiny")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per config")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--dequantize",
+        choices=("no", "yes", "both"),
+        default="no",
+        help="train on a float32 copy of a quantized base (both: also time '+deq' configs)",
+    )
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--grad-checkpoint", action="store_true", help="checkpoint every block")
+    p.add_argument("--json", help="write {config: {step_s, peak_mem_gb, tokens_per_s}}")
+    cpu.add_fast_blas_argument(p)
+    args = p.parse_args(argv)
+    cpu.ensure_fast_blas(args.fast_blas)
+
+    names = [n for n in args.configs.split(",") if n]
+    if unknown := [n for n in names if n not in ADAPTERS]:
+        raise SystemExit(f"--configs: unknown {', '.join(unknown)} (choose from {', '.join(CONFIGS)})")
+    _, batch_size, seq_len = PRESETS[args.preset]
+    batch_size, seq_len = args.batch_size or batch_size, args.seq_len or seq_len
+
+    base = load_preset(args.preset)
+    if args.grad_checkpoint:
+        grad_checkpoint(base.layers[0])
+    mx.random.seed(0)
+    vocab = base.args.vocab_size
+    batch = mx.random.randint(0, vocab, (batch_size, seq_len + 1))
+    runs = build(base, names, args.dequantize, args.compile)
+
+    print(
+        f"preset {args.preset}, batch {batch_size} x {seq_len}, {args.steps} timed steps "
+        f"(median) after {args.warmup} warm-up, device {mx.default_device()}, "
+        f"BLAS {cpu.preloaded_blas() or cpu.stock_blas() or 'platform'}"
+    )
+    results = run_bench(runs, batch, args.steps, args.warmup)
+    report(results)
+    if args.json:
+        out = {k: {f: v[f] for f in ("step_s", "peak_mem_gb", "tokens_per_s")} for k, v in results.items()}
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=2) + "\n")
+        tmp.replace(args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()
