@@ -110,7 +110,10 @@ def get_module(root, path: str):
     """Follow a dotted path (list indices included) from ``root``."""
     node = root
     for part in path.split("."):
-        node = node[int(part)] if isinstance(node, list) else getattr(node, part, None)
+        if isinstance(node, list):
+            node = node[int(part)] if part.isdigit() and int(part) < len(node) else None
+        else:
+            node = getattr(node, part, None)
         if node is None:
             return None
     return node

@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx_lm.lora import yaml_loader  # reads 1e-3 as a float, as mlx-lm does
 from mlx_lm.tuner.trainer import (
     TrainingArgs,
     default_loss,
@@ -115,7 +116,7 @@ def parse_args(argv=None) -> types.SimpleNamespace:
     config_file = args.pop("config")
     if config_file:
         try:
-            config = yaml.safe_load(Path(config_file).read_text()) or {}
+            config = yaml.load(Path(config_file).read_text(), yaml_loader) or {}
         except (OSError, yaml.YAMLError) as e:
             raise SystemExit(f"error: cannot read config {config_file}: {e}")
         unknown = set(config) - set(CONFIG_DEFAULTS)
@@ -241,13 +242,13 @@ def train_gains(
         next(batches)
 
     metrics = {}
+    if valid_set:
+        metrics["val_loss"] = validate(start_step)
     model.train()
     losses, n_tokens, steps, train_time, grad = 0.0, 0, 0, 0.0, None
     mx.reset_peak_memory()
     for it in range(start_step + 1, args.iters + 1):
         batch, lengths = next(batches)
-        if valid_set and (it == start_step + 1 or it % args.steps_per_eval == 0):
-            metrics["val_loss"] = validate(it - 1)
         tic = time.perf_counter()
         loss, toks, grad = step(batch, lengths, grad, it % accum == 0)
         mx.eval(state, loss, toks, grad)
@@ -271,11 +272,46 @@ def train_gains(
                 f"peak mem {metrics['peak_memory_gb']:.2f} GB"
             )
             losses, n_tokens, steps, train_time = 0.0, 0, 0, 0.0
+        if valid_set and (it % args.steps_per_eval == 0 or it == args.iters):
+            metrics["val_loss"] = validate(it)
         if on_save and grad is None and (it % args.steps_per_save == 0 or it == args.iters):
             on_save(it)
-    if valid_set and args.iters > start_step:
-        metrics["val_loss"] = validate(args.iters)
     return metrics
+
+
+class Truncated:
+    """A dataset whose items are cut to ``max_len`` tokens (mlx-lm would warn every batch)."""
+
+    def __init__(self, dataset, max_len: int):
+        self._data, self._max_len = dataset, max_len
+
+    def __len__(self):
+        return len(self._data)
+
+    def __getitem__(self, idx):
+        item = self._data[idx]
+        if isinstance(item, tuple):
+            return item[0][: self._max_len], item[1]
+        return item[: self._max_len]
+
+    def count_truncated(self) -> int:
+        def length(item):
+            return len(item[0] if isinstance(item, tuple) else item)
+
+        return sum(length(self._data[i]) > self._max_len for i in range(len(self._data)))
+
+
+def _truncate(dataset, max_len: int, name: str):
+    if not len(dataset):
+        return dataset
+    wrapped = Truncated(dataset, max_len)
+    n = wrapped.count_truncated()
+    if n:
+        print(
+            f"Note: {n} of {len(dataset)} {name} sequences are longer than --max-seq-length "
+            f"{max_len} and are truncated; split the data into shorter chunks to use all of it"
+        )
+    return wrapped
 
 
 def _load_data(args, tokenizer):
@@ -290,7 +326,10 @@ def _load_data(args, tokenizer):
         sets = load_local_dataset(data, tokenizer, args)
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         raise SystemExit(f"error: cannot read the data in {data}: {e}")
-    return [CacheDataset(s) if len(s) else s for s in sets]
+    return [
+        _truncate(CacheDataset(s), args.max_seq_length, name) if len(s) else s
+        for s, name in zip(sets, ("train", "valid", "test"))
+    ]
 
 
 def _check_sizes(args, train_set):

@@ -112,3 +112,45 @@ def tiny():
 
 def tiny_input(seed=1, batch=2, length=12, vocab=128):
     return mx.random.randint(0, vocab, (batch, length), key=mx.random.key(seed))
+
+
+EXAMPLE_DATA = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples" / "data"
+
+
+def train_tiny_tokenizer(path, vocab_size=384):
+    """A byte-level BPE tokenizer trained offline on the example data."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    texts = [json.loads(l)["text"] for l in (EXAMPLE_DATA / "train.jsonl").open()]
+    tok.train_from_iterator(texts, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(path))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """An mlx-lm folder: tiny llama (vocab 384) + a BPE tokenizer, loadable by mlx_lm.load."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    config = {"model_type": "llama", **TINY_CONFIGS["llama"], "vocab_size": 384}
+    model = tiny_model("llama", vocab_size=384)
+    save_tiny_model(model, path, config)
+    train_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """A small slice of the example data: quick to tokenize and train on."""
+    path = tmp_path_factory.mktemp("tiny_data")
+    for split, n in (("train", 48), ("valid", 8), ("test", 8)):
+        lines = (EXAMPLE_DATA / f"{split}.jsonl").read_text().splitlines()[:n]
+        (path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return path
