@@ -48,10 +48,12 @@ def quantize_linears(model, bits=4, group_size=64, mode="affine"):
 
 
 def dequantized(layer):
+    """float32 weight, computed in float32 (mx.dequantize computes in the scales' dtype)."""
     if "scales" not in layer:
         return layer.weight.astype(mx.float32)
+    f32 = lambda a: a.astype(mx.float32) if a is not None and a.dtype != mx.uint8 else a
     return mx.dequantize(
-        layer.weight, layer.scales, layer.get("biases"), group_size=layer.group_size,
+        layer.weight, f32(layer.scales), f32(layer.get("biases")), group_size=layer.group_size,
         bits=layer.bits, mode=layer.mode, dtype=mx.float32,
     )
 
@@ -201,10 +203,8 @@ def test_bf16_scales_round_and_say_so():
     ref = dequantized(up) * g
     quantization_error = rel_norm(dequantized(up), float_up)
     # what bf16 storage of the scaled scales/biases must give, built independently
-    rounded = mx.dequantize(
-        up.weight, (up.scales.astype(mx.float32) * g).astype(mx.bfloat16),
-        (up.biases.astype(mx.float32) * g).astype(mx.bfloat16), 64, 4, dtype=mx.float32,
-    )
+    bf16_round = lambda a: (a.astype(mx.float32) * g).astype(mx.bfloat16).astype(mx.float32)
+    rounded = mx.dequantize(up.weight, bf16_round(up.scales), bf16_round(up.biases), 64, 4)
     report = fuse_model(model, targets)
     assert {r["method"] for r in report} == {"scales"} and {r["dtype"] for r in report} == {"bfloat16"}
     up_error = next(r["rel_error"] for r in report if r["dest"] == "model.layers.0.mlp.up_proj")
