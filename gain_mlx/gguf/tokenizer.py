@@ -17,10 +17,6 @@ from tokenizers import normalizers, pre_tokenizers, processors
 
 T = gguf.TokenType
 
-# llama.cpp's whitespace set (Unicode White_Space); used for \s and \S so the
-# regex engine's own idea of whitespace never matters.
-_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-
 # Pre-tokenizer regexes, verbatim from llama.cpp src/llama-vocab.cpp
 # (llm_tokenizer_bpe). GPT-2's carries the trailing \s+ that llama.cpp's
 # hand-written GPT-2 splitter implements.
@@ -72,27 +68,6 @@ _SPM_DECODER = [
 ]
 
 
-def _llama_regex(expr: str) -> str:
-    """Spell \\s and \\S of a llama.cpp regex with llama.cpp's whitespace set."""
-    out, inside, i = [], False, 0
-    while i < len(expr):
-        c = expr[i]
-        if c == "\\" and i + 1 < len(expr):
-            nxt = expr[i + 1]
-            if nxt == "s":
-                out.append(_WS if inside else f"[{_WS}]")
-            elif nxt == "S":
-                out.append(f"[^{_WS}]")
-            else:
-                out.append(expr[i : i + 2])
-            i += 2
-            continue
-        inside = (c == "[") or (inside and c != "]")
-        out.append(c)
-        i += 1
-    return "".join(out)
-
-
 def _field(reader, key, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
@@ -115,8 +90,18 @@ def _vocab(reader):
     return tokens, types, vocab
 
 
-def _special_id(reader, name):
-    return _field(reader, f"tokenizer.ggml.{name}_token_id")
+# llama.cpp's special-token ids when the GGUF does not name them.
+_DEFAULT_IDS = {"llama": {"bos": 1, "eos": 2, "unknown": 0}, "gpt2": {"bos": 11, "eos": 11}}
+_SPECIAL_NAMES = ("bos", "eos", "unknown", "padding")
+
+
+def _special_ids(reader, model, n_tokens):
+    """{"bos"|"eos"|"unknown"|"padding": id} for the ids inside the vocabulary."""
+    ids = {
+        name: _field(reader, f"tokenizer.ggml.{name}_token_id", _DEFAULT_IDS[model].get(name))
+        for name in _SPECIAL_NAMES
+    }
+    return {name: i for name, i in ids.items() if i is not None and 0 <= i < n_tokens}
 
 
 def _spm_merges(tokens, scores, vocab):
@@ -153,7 +138,7 @@ def _build_bpe(reader, tokens, vocab):
         models.BPE(vocab, _bpe_merges(reader, vocab), ignore_merges=ignore_merges)
     )
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(_llama_regex(r)), "isolated") for r in regexes]
+        [pre_tokenizers.Split(Regex(r), "isolated") for r in regexes]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     tok.decoder = decoders.ByteLevel()
@@ -162,14 +147,13 @@ def _build_bpe(reader, tokens, vocab):
 
 def _build_spm(reader, tokens, vocab):
     scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
-    unk = _special_id(reader, "unknown")
+    unk = _special_ids(reader, "llama", len(tokens)).get("unknown")
     tok = Tokenizer(
         models.BPE(
             vocab,
             _spm_merges(tokens, scores, vocab),
-            unk_token=tokens[0 if unk is None else unk],
+            unk_token=None if unk is None else tokens[unk],
             byte_fallback=True,
-            fuse_unk=True,
         )
     )
     prefix = _field(reader, "tokenizer.ggml.add_space_prefix", True)
@@ -193,6 +177,22 @@ def _add_flags(reader):
     return bool(add_bos), bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
 
 
+def _post_processor(reader, model, tokens):
+    """BOS/EOS added around the text when llama.cpp adds them (add_special)."""
+    ids = _special_ids(reader, model, len(tokens))
+    adds = zip(("bos", "eos"), _add_flags(reader))
+    ends = {name: ids[name] for name, add in adds if add and name in ids}
+    if not ends:
+        return None
+    bos, eos = ([tokens[ends[k]]] if k in ends else [] for k in ("bos", "eos"))
+    single = bos + ["$A"] + eos
+    return processors.TemplateProcessing(
+        single=" ".join(single),
+        pair=" ".join(single + bos + ["$B"] + eos),
+        special_tokens=[(tokens[i], i) for i in sorted(set(ends.values()))],
+    )
+
+
 def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` that tokenizes like llama.cpp on this GGUF."""
     model = _field(reader, "tokenizer.ggml.model")
@@ -202,35 +202,21 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
         )
     tokens, types, vocab = _vocab(reader)
     tok = _MODELS[model](reader, tokens, vocab)
-    added = [
+    tok.add_tokens([
         AddedToken(s, special=t != T.USER_DEFINED, normalized=False)
         for s, t in zip(tokens, types)
         if t in (T.CONTROL, T.USER_DEFINED, T.UNKNOWN)
-    ]
-    tok.add_tokens(added)
-    ends = [
-        (tokens[i], i)
-        for add, i in zip(_add_flags(reader), (_special_id(reader, "bos"), _special_id(reader, "eos")))
-        if add and i is not None
-    ]
-    if ends:
-        bos = [s for s, i in ends if i == _special_id(reader, "bos")][:1]
-        eos = [s for s, i in ends if i == _special_id(reader, "eos")][-1:]
-        single = bos + ["$A"] + eos
-        tok.post_processor = processors.TemplateProcessing(
-            single=" ".join(single), pair=" ".join(single + bos + ["$B"] + eos), special_tokens=ends
-        )
+    ])
+    post = _post_processor(reader, model, tokens)
+    if post is not None:
+        tok.post_processor = post
     return tok
 
 
-def _token_text(reader, tokens, name):
-    i = _special_id(reader, name)
-    return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-
-def tokenizer_config(reader: gguf.GGUFReader, tok: Tokenizer) -> dict:
+def tokenizer_config(reader: gguf.GGUFReader) -> dict:
     """tokenizer_config.json contents: special tokens, BOS/EOS flags, chat template."""
-    tokens = [tok.id_to_token(i) for i in range(tok.get_vocab_size())]
+    model = _field(reader, "tokenizer.ggml.model")
+    tokens, _, _ = _vocab(reader)
     add_bos, add_eos = _add_flags(reader)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -238,10 +224,9 @@ def tokenizer_config(reader: gguf.GGUFReader, tok: Tokenizer) -> dict:
         "add_bos_token": add_bos,
         "add_eos_token": add_eos,
     }
-    for name, key in [("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")]:
-        text = _token_text(reader, tokens, key)
-        if text is not None:
-            config[f"{name}_token"] = text
+    names = dict(zip(_SPECIAL_NAMES, ("bos_token", "eos_token", "unk_token", "pad_token")))
+    for name, i in _special_ids(reader, model, len(tokens)).items():
+        config[names[name]] = tokens[i]
     template = _field(reader, "tokenizer.chat_template")
     if template:
         config["chat_template"] = template
@@ -263,7 +248,7 @@ def write_tokenizer_files(reader: gguf.GGUFReader, out_dir: Path) -> None:
     """Write tokenizer.json and tokenizer_config.json for this GGUF into out_dir."""
     out_dir = Path(out_dir)
     tok = build_tokenizer(reader)
-    config = tokenizer_config(reader, tok)
+    config = tokenizer_config(reader)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_dir / "tokenizer.json", tok.to_str())
     _write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
