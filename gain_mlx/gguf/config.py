@@ -62,6 +62,12 @@ def _f32(value: float) -> float:
     return float(f"{float(value):.7g}")
 
 
+def _number(value: float):
+    """An int when integral (transformers' config validation wants ints there)."""
+    value = _f32(value)
+    return int(value) if value.is_integer() else value
+
+
 def _gemma3(meta: Metadata, config: dict) -> dict:
     pattern = meta.get("attention.sliding_window_pattern", 6)  # llama.cpp's default
     if isinstance(pattern, list):
@@ -77,7 +83,7 @@ def _gemma3(meta: Metadata, config: dict) -> dict:
         "sliding_window": int(meta.get("attention.sliding_window")),
         "sliding_window_pattern": int(pattern),
         "rope_local_base_freq": _f32(meta.get("rope.freq_base_swa", 10000.0)),
-        "query_pre_attn_scalar": _f32(scalar),
+        "query_pre_attn_scalar": _number(scalar),
     }
 
 
@@ -107,14 +113,18 @@ def arch_spec(reader: GGUFReader) -> ArchSpec:
     return ARCHS[arch]
 
 
-def _llama3_scaling(factors: np.ndarray, base: float, head_dim: int) -> dict:
-    """Recover Llama 3 RoPE scaling from llama.cpp's ``rope_freqs`` factors."""
+def _llama3_scaling(factors: np.ndarray, base: float, head_dim: int, old_context: int) -> dict:
+    """Recover Llama 3 RoPE scaling from llama.cpp's ``rope_freqs`` factors.
+
+    The file keeps only the per-frequency factors; the parameters that made them are
+    taken as Llama 3's (low 1, high 4) and checked by recomputing the factors.
+    """
     scaling = {
         "rope_type": "llama3",
         "factor": _f32(factors.max()),
         "low_freq_factor": 1.0,
         "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
+        "original_max_position_embeddings": old_context,
     }
     wavelen = 2 * np.pi * base ** (np.arange(0, head_dim, 2) / head_dim)
     low_wl = scaling["original_max_position_embeddings"] / scaling["low_freq_factor"]
@@ -140,7 +150,9 @@ def _llama3_scaling(factors: np.ndarray, base: float, head_dim: int) -> dict:
 def _rope_scaling(meta: Metadata, head_dim: int, theta: float) -> Optional[dict]:
     rope_freqs = [t for t in meta.reader.tensors if t.name == "rope_freqs.weight"]
     if rope_freqs:
-        return _llama3_scaling(np.asarray(rope_freqs[0].data, np.float64), theta, head_dim)
+        factors = np.asarray(rope_freqs[0].data, np.float64)
+        old_context = int(meta.get("rope.scaling.original_context_length", 8192))
+        return _llama3_scaling(factors, theta, head_dim, old_context)
     kind = meta.get("rope.scaling.type", "none")
     factor = meta.get("rope.scaling.factor", meta.get("rope.scale_linear", 1.0))
     if kind == "none" and factor == 1.0:

@@ -51,7 +51,7 @@ def _mlx_arrays(
             yield name, a
 
 
-def _write_shards(out_dir: Path, arrays, max_bytes: int = MAX_SHARD_BYTES) -> None:
+def _write_shards(out_dir: Path, arrays) -> None:
     """Write safetensors shards as the stream fills them; only one shard is ever held."""
     shards, shard, size, total = [], {}, 0, 0
 
@@ -61,7 +61,7 @@ def _write_shards(out_dir: Path, arrays, max_bytes: int = MAX_SHARD_BYTES) -> No
         shards.append((path, list(shard)))
 
     for name, a in arrays:
-        if shard and size + a.nbytes > max_bytes:
+        if shard and size + a.nbytes > MAX_SHARD_BYTES:
             flush()
             shard, size = {}, 0
         shard[name] = a

@@ -1,0 +1,262 @@
+"""Tiny GGUF files in llama.cpp's own layout, written with gguf-py, and parity helpers.
+
+``write_gguf`` lays out an mlx-lm model the way llama.cpp's ``convert_hf_to_gguf.py``
+does (independently of gain_mlx's importer): gguf-py's HF -> GGUF name table,
+Q/K rows permuted for llama's interleaved RoPE, Gemma norms stored as ``1 + w``,
+1-D tensors in F32, matrices in the requested ggml type, and a real tokenizer
+vocabulary so that llama.cpp loads and runs the file.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from mlx.utils import tree_flatten
+
+from gguf_vocab import add_vocab
+
+# mlx-lm model_type -> (GGUF architecture, tokenizer style, permute Q/K, norm shift)
+LAYOUT = {
+    "llama": ("llama", "smollm", True, 0.0),
+    "qwen2": ("qwen2", "qwen2", False, 0.0),
+    "gemma3_text": ("gemma3", "gemma", False, 1.0),
+}
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute`` (convert_hf_to_gguf.py)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model, qtype=Q.F32):
+    """``(gguf name, array, raw ggml type or None)`` for each parameter, llama.cpp layout."""
+    config = vars(model.args)
+    arch, _, permute_qk, shift = LAYOUT[config["model_type"]]
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    names = gguf.TensorNameMap(arch_enum, config["num_hidden_layers"])
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    for name, p in tree_flatten(model.parameters()):
+        w = np.array(p.astype(mx.float32))
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, name
+        kind = name.split(".")[-2]
+        if permute_qk and kind in heads:
+            w = permute(w, heads[kind])
+        if shift and name.endswith("norm.weight"):
+            w = w + np.float32(shift)
+        if w.ndim == 1 or qtype == Q.F32:
+            yield gguf_name, w, None
+        elif qtype == Q.F16:
+            yield gguf_name, w.astype(np.float16), None
+        else:
+            yield gguf_name, gguf.quants.quantize(w, qtype), qtype
+
+
+def write_gguf(
+    path: Path, model, qtype=Q.F32, rope_scale=None, pattern_key=True, rope_base_swa=None,
+    tensors=None, extra_tensors=(),
+) -> Path:
+    """Write an mlx-lm ``model`` as a GGUF file that llama.cpp loads.
+
+    ``tensors``: ``(name, data, raw type)`` to write instead of the model's own;
+    ``extra_tensors``: more of them (e.g. ``rope_freqs.weight``).
+    """
+    config = vars(model.args)
+    arch, style, _, _ = LAYOUT[config["model_type"]]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config.get("max_position_embeddings") or 512)
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_freq_base(config["rope_theta"])
+    if rope_scale:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope_scale)
+    if arch == "gemma3":
+        w.add_sliding_window(config["sliding_window"])
+        if pattern_key:
+            w.add_sliding_window_pattern(config["sliding_window_pattern"])
+        if rope_base_swa:
+            w.add_rope_freq_base_swa(rope_base_swa)
+    add_vocab(w, style, config["vocab_size"])
+    for name, data, raw in [*(tensors or gguf_tensors(model, qtype)), *extra_tensors]:
+        w.add_tensor(name, data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def kl_top1(reference: np.ndarray, logits: np.ndarray):
+    """Mean KL(reference || logits) in nats and top-1 agreement, over positions."""
+    p, q = log_softmax(reference), log_softmax(logits)
+    kl = float((np.exp(p) * (p - q)).sum(-1).mean())
+    return kl, float((p.argmax(-1) == q.argmax(-1)).mean())
+
+
+def llamacpp_logits(path, ids) -> np.ndarray:
+    """llama.cpp's logits for every position of ``ids`` (one sequence, no BOS added)."""
+    import llama_cpp.llama as L
+
+    # Some VMs advertise AMX in cpuid without enabling it: ggml's AMX repacked
+    # buffers then die with SIGILL. Plain CPU buffers compute the same products.
+    default_params = L.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+
+    L.llama_cpp.llama_model_default_params = params
+    try:
+        n = len(ids)
+        llm = L.Llama(model_path=str(path), n_ctx=n, n_batch=n, logits_all=True, verbose=False)
+    finally:
+        L.llama_cpp.llama_model_default_params = default_params
+    llm.eval(list(ids))
+    logits = np.array(llm.scores[:n], dtype=np.float32)
+    llm.close()
+    return logits
+
+
+_MLX_LOGITS = textwrap.dedent(
+    """
+    import json, sys
+    import mlx.core as mx, numpy as np
+    from pathlib import Path
+    from mlx_lm.utils import load_model
+    model_dir, ids_file, out_file, overrides = sys.argv[1:5]
+    model, _ = load_model(Path(model_dir), model_config=json.loads(overrides))
+    if json.loads(sys.argv[5]):  # re-apply llama.cpp's Q/K permutation: a missing unpermute
+        sys.path.insert(0, sys.argv[6])
+        from gguf_fixtures import permute
+        for layer in model.layers:
+            a = layer.self_attn
+            a.q_proj.weight = mx.array(permute(np.array(a.q_proj.weight), a.n_heads))
+            a.k_proj.weight = mx.array(permute(np.array(a.k_proj.weight), a.n_kv_heads))
+    ids = np.load(ids_file)
+    np.save(out_file, np.array(model(mx.array(ids)[None])[0].astype(mx.float32)))
+    """
+)
+
+
+def mlx_logits_fast(model_dir, ids, tmp_path, overrides=None, repermute=False) -> np.ndarray:
+    """MLX logits of a model folder, computed in a child process with an optimized BLAS.
+
+    The mlx[cpu] wheel's reference BLAS makes a 135M-parameter forward pass over
+    512 tokens take minutes; LD_PRELOAD must be set before a process starts.
+    ``overrides`` patch config.json keys (to inject a config mistake).
+    """
+    from gain_mlx.cpu import find_fast_blas
+
+    env = dict(os.environ)
+    found = find_fast_blas()
+    if found:
+        env["LD_PRELOAD"] = " ".join(filter(None, [found[1], env.get("LD_PRELOAD")]))
+    ids_file, out_file = tmp_path / "ids.npy", tmp_path / "logits.npy"
+    np.save(ids_file, np.asarray(ids, dtype=np.int32))
+    import json
+
+    subprocess.run(
+        [sys.executable, "-c", _MLX_LOGITS, str(model_dir), str(ids_file), str(out_file),
+         json.dumps(overrides or {}), json.dumps(repermute), str(Path(__file__).parent)],
+        env=env, check=True,
+    )
+    return np.load(out_file)
+
+
+def random_raw(rows: int, cols: int, qtype, std: float, rng) -> np.ndarray:
+    """Raw ``qtype`` bytes of a ``(rows, cols)`` tensor: random quant bits, scale fields set
+    so that the dequantized values have standard deviation ``std`` (for types gguf-py
+    cannot quantize: K-quants, IQ types, ternary, MXFP4)."""
+    from gain_mlx.gguf.quants import CODECS, SCALES, blocks_of, scale_blocks
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+    blocks = blocks_of(raw, qtype)
+    layout = SCALES[qtype]
+    put = CODECS[layout.kind][1]
+    for offset in layout.offsets:
+        put(blocks, offset, np.ones(blocks.shape[:-1]))
+    if len(layout.offsets) == 2:  # a min field: choose it so that the values centre on 0
+        put(blocks, layout.offsets[1], np.zeros(blocks.shape[:-1]))
+        a = gguf.quants.dequantize(raw, qtype).mean()
+        put(blocks, layout.offsets[1], np.ones(blocks.shape[:-1]))
+        b = gguf.quants.dequantize(raw, qtype).mean() - a
+        put(blocks, layout.offsets[1], np.full(blocks.shape[:-1], -a / b))
+    factor = std / gguf.quants.dequantize(raw, qtype).std()
+    if layout.kind == "e8m0":
+        factor = 2.0 ** np.round(np.log2(factor))
+    scale_blocks(blocks, qtype, factor)
+    return raw
+
+
+OUT_GAIN = {"output.weight": 4.0}  # peaked next-token distributions: mistakes show in KL
+
+
+def write_random_gguf(path: Path, model, qtype, seed: int = 0) -> Path:
+    """Like ``write_gguf``, but every matrix holds random ``qtype`` blocks (norms and
+    biases keep the model's values). The model itself is only a shape template."""
+    rng = np.random.default_rng(seed)
+    tensors = []
+    for name, data, _ in gguf_tensors(model, Q.F32):
+        if data.ndim == 2:
+            std = 1.0 if name == "token_embd.weight" else OUT_GAIN.get(name, 1.0) * data.shape[1] ** -0.5
+            data = random_raw(*data.shape, qtype, std, rng)
+            tensors.append((name, data, qtype))
+        else:
+            tensors.append((name, data, None))
+    return write_gguf(path, model, tensors=tensors)
+
+
+def tiny_for_gguf(model_type: str, seed: int = 0, **overrides):
+    """A tiny random mlx-lm model as llama.cpp would hold it: a vocabulary large enough
+    for a real tokenizer, and Gemma's embeddings tied (its GGUFs have no output.weight)."""
+    from conftest import tiny_model
+
+    defaults = {"vocab_size": 512}
+    if model_type == "gemma3_text":  # llama.cpp scales Gemma 3 attention by head_dim**-0.5
+        defaults["query_pre_attn_scalar"] = overrides.get("head_dim", 16)
+    model = tiny_model(model_type, seed=seed, **{**defaults, **overrides})
+    if model_type == "gemma3_text":
+        model.pop("lm_head")
+        model.tie_word_embeddings = True
+    return model
+
+
+def llama3_rope_factors(base: float, dim: int, factor: float = 8.0, low: float = 1.0,
+                        high: float = 4.0, old_context: int = 8192) -> np.ndarray:
+    """``rope_freqs.weight`` as llama.cpp's converter computes it for Llama 3 RoPE scaling."""
+    freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
