@@ -47,7 +47,9 @@ _GEMMA = (
 )
 _LLAMA2 = "{% for m in messages %}{{ bos_token + m['content'] + eos_token }}{% endfor %}"
 
-_CHATML_SPECIALS = [("<|endoftext|>", T.CONTROL), ("<|im_start|>", T.CONTROL), ("<|im_end|>", T.CONTROL)]
+_CHATML_SPECIALS = [
+    ("<|endoftext|>", T.CONTROL), ("<|im_start|>", T.CONTROL), ("<|im_end|>", T.CONTROL)
+]
 
 # style -> tokenizer metadata; "specials" open the vocabulary (ids 0..), "extra"
 # are normal SPM pieces added before the trained ones.
@@ -137,7 +139,8 @@ def add_vocab(writer: gguf.GGUFWriter, style: str, size: int = 1024) -> None:
         writer.add_add_space_prefix(s["space_prefix"])
         writer.add_unk_token_id(s["unk"])
     if len(tokens) != size:
-        raise ValueError(f"{style} vocabulary came out at {len(tokens)} tokens, not {size}")
+        raise ValueError(f"{style} vocabulary has {len(tokens)} tokens, not {size}: "
+                         f"use a size of at least {len(tokens)}")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_bos_token_id(s["bos"])

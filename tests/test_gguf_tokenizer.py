@@ -180,6 +180,8 @@ def test_tiny_vocab_matches_llama_cpp(style, texts, tmp_path):
     _round_trip(tok.decode, plain, [e for t, e in zip(texts, expected) if t in plain])
     wrapper = _load_mlx(reader, tmp_path / "hf")
     _check(llama, _mlx_encode(wrapper, True), texts[:20], True)
+    streaming = {"gpt2": "BPEStreamingDetokenizer", "llama": "SPMStreamingDetokenizer"}
+    assert type(wrapper.detokenizer).__name__ == streaming[STYLES[style]["model"]]
     assert wrapper.bos_token_id == STYLES[style]["bos"]
     assert wrapper.eos_token_id == STYLES[style]["eos"]
 

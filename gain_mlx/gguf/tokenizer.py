@@ -251,4 +251,5 @@ def write_tokenizer_files(reader: gguf.GGUFReader, out_dir: Path) -> None:
     config = tokenizer_config(reader)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_dir / "tokenizer.json", tok.to_str())
-    _write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+    config_text = json.dumps(config, indent=2, ensure_ascii=False)
+    _write_atomic(out_dir / "tokenizer_config.json", config_text)
