@@ -69,7 +69,7 @@ STYLES = {
         ("<pad>", T.CONTROL), ("<eos>", T.CONTROL), ("<bos>", T.CONTROL),
         ("<unk>", T.UNKNOWN), ("<mask>", T.USER_DEFINED),
         ("<start_of_turn>", T.CONTROL), ("<end_of_turn>", T.CONTROL)],
-        extra=["\n", "\n\n", "\t", "▁▁", "▁▁▁", "▁▁▁▁", "▁▁▁▁▁▁▁▁"],
+        extra=["\t"] + ["\n" * k for k in range(1, 32)] + ["▁" * k for k in range(2, 32)],
         bos=2, eos=1, unk=3, pad=0, add_bos=True, space_prefix=False, template=_GEMMA),
 }
 
@@ -133,9 +133,8 @@ def add_vocab(writer: gguf.GGUFWriter, style: str, size: int = 1024) -> None:
         pieces, scores = spm_pieces(size - fixed, frozenset(specials + extra))
         tokens = specials + _BYTES + extra + pieces
         types += [T.BYTE] * len(_BYTES) + [T.NORMAL] * (len(extra) + len(pieces))
-        writer.add_token_scores([0.0] * (len(specials) + len(_BYTES))
-                                + [-0.5 - i for i in range(len(extra))]
-                                + [x - len(extra) for x in scores])
+        # extra pieces score 0 like gemma's whitespace runs: merges into them tie
+        writer.add_token_scores([0.0] * fixed + [x - 1 for x in scores])
         writer.add_add_space_prefix(s["space_prefix"])
         writer.add_unk_token_id(s["unk"])
     if len(tokens) != size:

@@ -106,14 +106,20 @@ def _special_ids(reader, model, n_tokens):
 
 def _spm_merges(tokens, scores, vocab):
     """Every split of every token into two tokens, best score first: llama.cpp's
-    SPM tokenizer merges the adjacent pair whose concatenation scores highest."""
+    SPM tokenizer merges the adjacent pair whose concatenation scores highest.
+
+    llama.cpp breaks score ties by position (leftmost first), which merge ranks
+    cannot say; longer tokens first reproduces it where ties happen in practice,
+    runs of one character (gemma's whitespace pieces all score 0): the leftmost
+    piece grows to the longest run in the vocabulary before the next one starts.
+    """
     ranked = []
     for i, s in enumerate(tokens):
         for k in range(1, len(s)):
             if s[:k] in vocab and s[k:] in vocab:
-                ranked.append((-scores[i], i, k))
+                ranked.append((-scores[i], -len(s), i, k))
     ranked.sort()
-    return [(tokens[i][:k], tokens[i][k:]) for _, i, k in ranked]
+    return [(tokens[i][:k], tokens[i][k:]) for *_, i, k in ranked]
 
 
 def _bpe_merges(reader, vocab):
