@@ -17,6 +17,8 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from gain_mlx import cpu
 from gain_mlx.adapter import apply_gains
 
+from conftest import tiny_model
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = cpu.find_fast_blas() if cpu.stock_blas() else None
 needs_fast_blas = pytest.mark.skipif(
@@ -24,25 +26,6 @@ needs_fast_blas = pytest.mark.skipif(
     reason="needs Linux mlx[cpu] with its stock BLAS and an optimized BLAS installed "
     f"({cpu.INSTALL_HINT})",
 )
-
-TINY = {
-    "qwen2": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2,
-              "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "rms_norm_eps": 1e-5, "vocab_size": 128, "tie_word_embeddings": True},
-    "mixtral": {"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2,
-                "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 128},
-}
-
-
-def tiny_model(model_type):
-    import importlib
-
-    arch = importlib.import_module(f"mlx_lm.models.{model_type}")
-    mx.random.seed(1)
-    model = arch.Model(arch.ModelArgs.from_dict(TINY[model_type]))
-    mx.eval(model.parameters())
-    return model
 
 
 def _env(**extra):
@@ -58,7 +41,7 @@ WORKER = textwrap.dedent(
     import mlx.core as mx, numpy as np
     from gain_mlx import cpu
     sys.path.insert(0, sys.argv[2])
-    from test_cpu import tiny_model
+    from conftest import tiny_model
     rng = np.random.default_rng(0)
     a = rng.standard_normal((300, 200), dtype=np.float32)
     b = rng.standard_normal((200, 150), dtype=np.float32)

@@ -12,6 +12,7 @@ any adapter that trains through the whole network can cost.
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -39,7 +40,7 @@ TINY_LLAMA = {
     "model_type": "llama",
     "hidden_size": 256,
     "num_hidden_layers": 4,
-    "intermediate_size": 688,
+    "intermediate_size": 704,
     "num_attention_heads": 8,
     "num_key_value_heads": 4,
     "rms_norm_eps": 1e-5,
@@ -164,13 +165,16 @@ def run_bench(runs, batch, steps, warmup):
         for _ in range(warmup):
             mx.eval(step(inputs, targets), state)
     times = {k: [] for k in runs}
+    cpu_times = {k: [] for k in runs}
     peaks = {k: 0 for k in runs}
-    for _ in range(steps):
+    for i in range(steps):
+        print(f"round {i + 1}/{steps}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
         for name, (step, state, _) in runs.items():
             mx.reset_peak_memory()
-            tic = time.perf_counter()
+            tic, cpu_tic = time.perf_counter(), time.process_time()
             mx.eval(step(inputs, targets), state)
             times[name].append(time.perf_counter() - tic)
+            cpu_times[name].append(time.process_time() - cpu_tic)
             peaks[name] = max(peaks[name], mx.get_peak_memory())
     ntok = inputs.size
     return {
@@ -178,6 +182,7 @@ def run_bench(runs, batch, steps, warmup):
             "step_s": statistics.median(times[name]),
             "peak_mem_gb": peaks[name] / 1e9,
             "tokens_per_s": ntok / statistics.median(times[name]),
+            "cpu_s": statistics.median(cpu_times[name]),
             "trainable": runs[name][2],
             "step_s_all": times[name],
         }
@@ -186,18 +191,21 @@ def run_bench(runs, batch, steps, warmup):
 
 
 def report(results):
-    floor = results.get("floor", results.get("floor+deq"))
-    lora = results.get("lora-r8", results.get("lora-r8+deq"))
+    """Table of step time and memory, with ratios to the floor and to LoRA rank 8
+    (for '+deq' configs, to the '+deq' floor and LoRA)."""
     head = f"{'config':<18}{'params':>10}{'step ms':>10}{'x floor':>9}{'x lora-r8':>10}"
-    head += f"{'peak GB':>9}{'mem x lora':>11}{'tok/s':>9}"
-    print(head)
+    print(head + f"{'peak GB':>9}{'mem x lora':>11}{'tok/s':>9}{'cpu x floor':>12}")
+
+    def ratio(r, ref, key):
+        return f"{r[key] / ref[key]:.3f}" if ref else "-"
+
     for name, r in results.items():
-        xf = f"{r['step_s'] / floor['step_s']:.3f}" if floor else "-"
-        xl = f"{r['step_s'] / lora['step_s']:.3f}" if lora else "-"
-        xm = f"{r['peak_mem_gb'] / lora['peak_mem_gb']:.3f}" if lora else "-"
+        suffix = "+deq" if name.endswith("+deq") else ""
+        floor, lora = results.get("floor" + suffix), results.get("lora-r8" + suffix)
         print(
-            f"{name:<18}{r['trainable']:>10,}{r['step_s'] * 1e3:>10.1f}{xf:>9}{xl:>10}"
-            f"{r['peak_mem_gb']:>9.3f}{xm:>11}{r['tokens_per_s']:>9.1f}"
+            f"{name:<18}{r['trainable']:>10,}{r['step_s'] * 1e3:>10.1f}{ratio(r, floor, 'step_s'):>9}"
+            f"{ratio(r, lora, 'step_s'):>10}{r['peak_mem_gb']:>9.3f}{ratio(r, lora, 'peak_mem_gb'):>11}"
+            f"{r['tokens_per_s']:>9.1f}{ratio(r, floor, 'cpu_s'):>12}"
         )
 
 
@@ -215,6 +223,7 @@ def main(argv=None):
         default="no",
         help="train on a float32 copy of a quantized base (both: also time '+deq' configs)",
     )
+    p.add_argument("--quantize", type=int, metavar="BITS", help="quantize the base first (affine, group 64)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--grad-checkpoint", action="store_true", help="checkpoint every block")
     p.add_argument("--json", help="write {config: {step_s, peak_mem_gb, tokens_per_s}}")
@@ -229,6 +238,13 @@ def main(argv=None):
     batch_size, seq_len = args.batch_size or batch_size, args.seq_len or seq_len
 
     base = load_preset(args.preset)
+    if args.quantize:
+        nn.quantize(
+            base,
+            group_size=64,
+            bits=args.quantize,
+            class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0,
+        )
     if args.grad_checkpoint:
         grad_checkpoint(base.layers[0])
     mx.random.seed(0)
@@ -241,10 +257,12 @@ def main(argv=None):
         f"(median) after {args.warmup} warm-up, device {mx.default_device()}, "
         f"BLAS {cpu.preloaded_blas() or cpu.stock_blas() or 'platform'}"
     )
+    load = os.getloadavg()[0]
     results = run_bench(runs, batch, args.steps, args.warmup)
     report(results)
+    print(f"load average (2 cores here): {load:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     if args.json:
-        out = {k: {f: v[f] for f in ("step_s", "peak_mem_gb", "tokens_per_s")} for k, v in results.items()}
+        out = {k: {f: v[f] for f in ("step_s", "peak_mem_gb", "tokens_per_s", "cpu_s")} for k, v in results.items()}
         tmp = Path(args.json).with_suffix(".tmp")
         tmp.write_text(json.dumps(out, indent=2) + "\n")
         tmp.replace(args.json)
