@@ -69,11 +69,13 @@ _SPM_DECODER = [
 
 
 def _field(reader, key, default=None):
+    """A metadata value as Python data, or default when the key is absent."""
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
 
 def _vocab(reader):
+    """(tokens, token types as llama.cpp sees them, text -> id)."""
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if tokens is None:
         raise ValueError("GGUF has no tokenizer.ggml.tokens: it carries no vocabulary")
@@ -123,6 +125,7 @@ def _spm_merges(tokens, scores, vocab):
 
 
 def _bpe_merges(reader, vocab):
+    """The GGUF's merges as pairs, first occurrence kept (llama.cpp's rank)."""
     merges, seen = [], set()
     for m in _field(reader, "tokenizer.ggml.merges") or []:
         pos = m.find(" ", 1)  # as llama.cpp: a merge may start with a space
