@@ -31,6 +31,7 @@ from mlx_lm.tuner.trainer import (
 )
 
 from . import adapter as gain_adapter
+from . import cpu
 from .arch import VARIANTS
 from .files import atomic_write
 
@@ -66,6 +67,8 @@ CONFIG_DEFAULTS = {
     "test": False,
     "test_batches": -1,
     "mask_prompt": False,
+    "dequantize": "auto",
+    "fast_blas": True,
 }
 
 OPTIMIZERS = {"adam": optim.Adam, "sgd": optim.SGD}
@@ -107,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", action="store_true", default=None, help="evaluate on test.jsonl after training")
     p.add_argument("--test-batches", type=int, help="test batches, -1 for all")
     p.add_argument("--mask-prompt", action="store_true", default=None, help="train only on completions (completions/chat data)")
+    p.add_argument(
+        "--dequantize",
+        choices=("auto", "on", "off"),
+        help="train a quantized base through a float32 copy dequantized once; auto (default): "
+        "on when MLX runs on the CPU, where quantized matmuls are slow. The adapter is the same.",
+    )
+    cpu.add_fast_blas_argument(p)
     return p
 
 
@@ -342,6 +352,11 @@ def _check_sizes(args, train_set):
         )
 
 
+def _wants_float_copy(model, mode: str) -> bool:
+    quantized = any(hasattr(m, "scales") for _, m in model.named_modules())
+    return quantized and (mode == "on" or (mode == "auto" and mx.default_device() == mx.cpu))
+
+
 def run(args) -> dict:
     """Load, apply gains (or resume), train, save, optionally test. Returns final metrics."""
     from .loading import load_model
@@ -349,6 +364,9 @@ def run(args) -> dict:
     mx.random.seed(args.seed)
     np.random.seed(args.seed)
     model, tokenizer, model_path = load_model(args.model)
+    if _wants_float_copy(model, args.dequantize):
+        model = cpu.dequantize_model(model)
+        print("Training on a float32 copy of the quantized base (--dequantize off to keep quantized matmuls)")
     train_set, valid_set, test_set = _load_data(args, tokenizer)
     _check_sizes(args, train_set)
     adapter_path = Path(args.adapter_path)
@@ -423,6 +441,7 @@ def run(args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    cpu.ensure_fast_blas(args.fast_blas)
     try:
         run(args)
     except (FileNotFoundError, ValueError) as e:
