@@ -174,6 +174,19 @@ def test_unsupported_ggml_type(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_tensors_that_disagree_with_the_metadata(tmp_path):
+    model = tiny_for_gguf("llama")
+    wider = gguf_tensors(tiny_for_gguf("llama", intermediate_size=128))
+    path = write_gguf(tmp_path / "a.gguf", model, tensors=wider)
+    with pytest.raises(GGUFImportError, match=r"blk.0.ffn_\w+.weight' has shape .* expects"):
+        convert_gguf(path, tmp_path / "out")
+    fewer = [t for t in gguf_tensors(model) if not t[0].startswith("blk.1.ffn_up")]
+    path = write_gguf(tmp_path / "b.gguf", model, tensors=fewer)
+    with pytest.raises(GGUFImportError, match="no tensors for model.layers.1.mlp.up_proj.weight"):
+        convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_quantize_option_matches_mlx_quantization(tmp_path):
     model = tiny_for_gguf("qwen2")
     path = write_gguf(tmp_path / "m.gguf", model)

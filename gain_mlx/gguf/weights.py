@@ -55,8 +55,7 @@ def check_types(reader: GGUFReader) -> None:
             ) from None
 
 
-def _dequantize(t) -> np.ndarray:
-    shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+def _dequantize(t, shape) -> np.ndarray:
     if t.tensor_type == GGMLQuantizationType.F32:
         return np.array(t.data, dtype=np.float32).reshape(shape)
     return dequantize(t.data, t.tensor_type).reshape(shape)
@@ -79,7 +78,7 @@ def gguf_weights(
         "attn_q": config["num_attention_heads"],
         "attn_k": config["num_key_value_heads"],
     }
-    done = set()
+    plan = []  # checked from the header alone, before any tensor is read
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":  # folded into config["rope_scaling"]
             continue
@@ -89,19 +88,21 @@ def gguf_weights(
                 f"GGUF tensor {t.name!r} has no counterpart in mlx-lm's "
                 f"{config['model_type']} model; this variant is not supported"
             )
-        w = _dequantize(t)
-        if w.shape != shapes[name]:
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        if shape != shapes[name]:
             raise GGUFImportError(
-                f"GGUF tensor {t.name!r} has shape {w.shape} but mlx-lm's "
+                f"GGUF tensor {t.name!r} has shape {shape} but mlx-lm's "
                 f"{name} expects {shapes[name]}: metadata and tensors disagree"
             )
+        plan.append((t, name, shape))
+    missing = sorted(set(shapes) - {name for _, name, _ in plan})
+    if missing:
+        raise GGUFImportError(f"GGUF file has no tensors for {', '.join(missing[:4])}")
+    for t, name, shape in plan:
+        w = _dequantize(t, shape)
         kind = t.name.split(".")[-2]
         if spec.permute_qk and kind in heads:
             w = unpermute_qk(w, heads[kind])
         if spec.norm_shift and t.name.endswith("norm.weight"):
             w = w - np.float32(spec.norm_shift)
-        done.add(name)
         yield name, w
-    missing = sorted(set(shapes) - done)
-    if missing:
-        raise GGUFImportError(f"GGUF file lacks tensors for {missing[:4]} ...")
