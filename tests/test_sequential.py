@@ -1,0 +1,111 @@
+"""The sequential multi-domain experiment, end to end on a tiny model and tiny data."""
+
+import json
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm import load
+
+from conftest import EXAMPLE_DATA
+from gain_mlx import sequential
+from gain_mlx.train import evaluate_loss
+
+
+def _domains(root):
+    """Three small 'domains' (and a control) cut from different parts of the example data."""
+    lines = (EXAMPLE_DATA / "train.jsonl").read_text().splitlines()
+    names = ("alpha", "beta", "gamma", "control")
+    for i, name in enumerate(names):
+        part = lines[i * 40:(i + 1) * 40]
+        (root / name).mkdir()
+        (root / name / "train.jsonl").write_text("\n".join(part[:24]) + "\n")
+        (root / name / "valid.jsonl").write_text("\n".join(part[24:]) + "\n")
+    return names
+
+
+def _args(tmp_path, model_dir, *extra):
+    _domains(tmp_path)
+    return sequential.parse_args([
+        "--model", str(model_dir), "--out", str(tmp_path / "out"), "--data-root", str(tmp_path),
+        "--domains", "alpha,beta,gamma", "--control", "control", "--methods", "gain-ffn,lora",
+        "--lr", "gain-ffn=1e-2,3e-2", "--lr", "lora=1e-3,3e-3",
+        "--steps", "3", "--batch-size", "2", "--max-seq-length", "48", "--val-examples", "8", *extra,
+    ])
+
+
+def test_results_structure_and_consistency(tmp_path, tiny_model_dir):
+    args = _args(tmp_path, tiny_model_dir)
+    results = sequential.run(args, log=lambda *a: None)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["domains"] == ["alpha", "beta", "gamma"]
+    assert set(saved["methods"]) == {"gain-ffn", "lora"}
+    assert [(r["method"], r["lr"]) for r in saved["sweep"]] == [
+        ("gain-ffn", 1e-2), ("gain-ffn", 3e-2), ("lora", 1e-3), ("lora", 3e-3)]
+    for r in saved["sweep"]:
+        ppl = np.array(r["ppl"])
+        assert ppl.shape == (3, 3) and np.isfinite(ppl).all() and (ppl > 1).all()
+        assert len(r["control_ppl"]) == 3
+        # the summary is recomputable from the perplexities it summarizes
+        s = sequential.summarize(r["ppl"], saved["base_ppl"])
+        assert r["summary"]["in_domain"] == pytest.approx(s["in_domain"])
+        assert r["summary"]["forgetting"] == pytest.approx(
+            np.mean([ppl[2, j] / saved["base_ppl"][j] - 1 for j in range(2)]))
+    for method, head in saved["methods"].items():
+        assert head["lr"] == saved["matched"]["rates"][method]
+        # the headline is the method's run closest to the matched level
+        gaps = [abs(r["summary"]["in_domain"] - saved["matched"]["level"])
+                for r in saved["sweep"] if r["method"] == method]
+        assert abs(head["summary"]["in_domain"] - saved["matched"]["level"]) == pytest.approx(min(gaps))
+        assert any(r["method"] == method and r["lr"] == head["lr"] and r["ppl"] == head["ppl"]
+                   for r in saved["sweep"])
+    assert "| gain-ffn | 0.01 |" in (tmp_path / "out" / "results.md").read_text()
+
+    # base_ppl is exp of the base model's loss, evaluated independently of the experiment
+    model, tokenizer = load(str(tiny_model_dir))
+    for name, ppl in zip(saved["domains"], saved["base_ppl"]):
+        d = sequential.load_domain(tmp_path / name, tokenizer, 48, 8)
+        assert ppl == pytest.approx(math.exp(evaluate_loss(model, d.valid, 8, 1, 48)), rel=1e-5)
+
+    # a run is resumable: nothing is retrained, the results are the same
+    again = sequential.run(args, log=lambda *a: None)
+    assert [r["ppl"] for r in again["sweep"]] == [r["ppl"] for r in results["sweep"]]
+
+
+def test_methods_train_only_their_modules_and_merge_exactly(tiny_model_dir):
+    from mlx.utils import tree_flatten
+
+    base, _ = load(str(tiny_model_dir))
+    base.freeze()
+    x = mx.array([[1, 5, 9, 13, 2, 7]])
+    expected = {"gain": 2 * 64, "gain-ffn": 2 * (64 + 96), "lora": 2 * 8 * (64 + 64 + 96 + 64)}
+    cfg = sequential.parse_args(["--out", "x", "--lora-rank", "8"])
+    for method, (attach, merge) in sequential.METHODS.items():
+        model = sequential.copy_model(base)
+        attach(model, cfg)
+        params = dict(tree_flatten(model.trainable_parameters()))
+        if method in expected:
+            assert sum(v.size for v in params.values()) == expected[method], method
+        # perturb the trainable parameters, then merging must not change the outputs
+        model.update(
+            __import__("mlx.utils", fromlist=["tree_unflatten"]).tree_unflatten(
+                [(k, v + 0.1 * mx.random.normal(v.shape, key=mx.random.key(3))) for k, v in params.items()]))
+        before = model(x)
+        merge(model)
+        assert not tree_flatten(model.trainable_parameters())
+        assert mx.allclose(model(x), before, atol=1e-4).item(), method
+    # the base model is untouched by any of it
+    fresh, _ = load(str(tiny_model_dir))
+    assert mx.array_equal(base(x), fresh(x)).item()
+
+
+def test_bad_input_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="unknown method"):
+        sequential.parse_args(["--out", "x", "--methods", "gain,adapterz"])
+    with pytest.raises(SystemExit, match="multiple of 8"):
+        sequential.parse_args(["--out", "x", "--val-examples", "12"])
+    with pytest.raises(SystemExit, match="METHOD=R1,R2"):
+        sequential.parse_args(["--out", "x", "--lr", "gain"])
+    with pytest.raises(SystemExit, match="make_corpora"):
+        sequential.main(["--out", str(tmp_path / "o"), "--data-root", str(tmp_path), "--model", "x"])
