@@ -131,7 +131,8 @@ def llamacpp_logits(path, ids) -> np.ndarray:
     L.llama_cpp.llama_model_default_params = params
     try:
         n = len(ids)
-        llm = L.Llama(model_path=str(path), n_ctx=n, n_batch=n, logits_all=True, verbose=False)
+        llm = L.Llama(model_path=str(path), n_ctx=n, n_batch=n, logits_all=True, verbose=False,
+                      n_threads=os.cpu_count(), n_threads_batch=os.cpu_count())
     finally:
         L.llama_cpp.llama_model_default_params = default_params
     llm.eval(list(ids))

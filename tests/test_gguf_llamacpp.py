@@ -52,6 +52,7 @@ def test_tiny_architectures_match_llama_cpp(tmp_path, model_type, qtype):
     path = write_gguf(tmp_path / "m.gguf", tiny_for_gguf(model_type), qtype)
     reference = llamacpp_logits(path, IDS)
     kl, top1 = kl_top1(reference, mlx_logits(convert_gguf(path, tmp_path / "mlx")))
+    print(f"{model_type} {qtype.name}: KL {kl:.2e} top-1 {top1:.3f}")
     assert agrees(kl, top1), (kl, top1)
     if qtype == Q.F32:  # no activation quantization on llama.cpp's side: near exact
         assert kl < 1e-4, kl
@@ -69,6 +70,7 @@ def test_missing_qk_unpermute_fails(tmp_path):
         a.q_proj.weight = mx.array(permute(np.array(a.q_proj.weight), a.n_heads))
         a.k_proj.weight = mx.array(permute(np.array(a.k_proj.weight), a.n_kv_heads))
     kl, top1 = kl_top1(reference, np.array(wrong(mx.array(IDS)[None])[0]))
+    print(f"tiny llama Q8_0 without Q/K unpermute: KL {kl:.3f} top-1 {top1:.3f}")
     assert not agrees(kl, top1), (kl, top1)
 
 
@@ -83,6 +85,7 @@ def test_gemma3_sliding_window_and_local_rope_base(tmp_path):
     assert agrees(*kl_top1(reference, mlx_logits(out)))
     for mistake in ({"sliding_window": 64}, {"rope_local_base_freq": 10000.0}):
         kl, top1 = kl_top1(reference, mlx_logits(out, **mistake))
+        print(f"gemma3 with {mistake}: KL {kl:.3f} top-1 {top1:.3f}")
         assert not agrees(kl, top1), (mistake, kl, top1)
 
 
@@ -106,6 +109,7 @@ def test_every_ggml_type_matches_llama_cpp(tmp_path, qtype):
     else:
         path = write_random_gguf(tmp_path / "m.gguf", model, qtype)
     kl, top1 = kl_top1(llamacpp_logits(path, IDS), mlx_logits(convert_gguf(path, tmp_path / "mlx")))
+    print(f"{qtype.name}: KL {kl:.2e} top-1 {top1:.3f}")
     assert agrees(kl, top1), (kl, top1)
 
 
