@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
@@ -19,7 +20,6 @@ from .weights import gguf_weights
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 MAX_SHARD_BYTES = 5 << 30  # as mlx-lm
-CACHE_VERSION = "1"  # bump when the conversion's output changes
 
 
 def open_gguf(path) -> GGUFReader:
@@ -119,6 +119,9 @@ def convert_gguf(
     reader = open_gguf(gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the result private
     try:
         write_model(reader, tmp, dtype, q_bits, q_group_size)
         write_tokenizer_files(reader, tmp)
@@ -134,11 +137,23 @@ def cache_root() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "gain_mlx") / "gguf"
 
 
+CONVERTER_SOURCES = ("config.py", "weights.py", "tokenizer.py", "convert.py")
+
+
+def _converter_fingerprint() -> str:
+    """The converter's source and library versions: a changed converter converts anew."""
+    here = Path(__file__).parent
+    ident = b"".join((here / name).read_bytes() for name in CONVERTER_SOURCES)
+    versions = "|".join(metadata.version(p) for p in ("gguf", "mlx", "mlx-lm", "tokenizers"))
+    return hashlib.sha256(ident + versions.encode()).hexdigest()
+
+
 def cache_key(gguf_path, dtype: str) -> str:
-    """Folder name for a conversion: the file's resolved path, size, mtime and dtype."""
+    """Folder name for a conversion: the file's resolved path, size, mtime and dtype
+    (and the converter's fingerprint)."""
     path = Path(gguf_path).resolve()
     st = path.stat()
-    ident = f"{path}|{st.st_size}|{st.st_mtime_ns}|{dtype}|{CACHE_VERSION}"
+    ident = f"{path}|{st.st_size}|{st.st_mtime_ns}|{dtype}|{_converter_fingerprint()}"
     return f"{path.stem}-{dtype}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
