@@ -2,13 +2,14 @@
 
 import argparse
 
+from .gguf.config import ARCHS
 from .gguf.convert import DTYPES, convert_gguf
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m gain_mlx.convert",
-        description="Convert a GGUF model (llama, qwen2, gemma3) into an mlx-lm folder: "
+        description=f"Convert a GGUF model ({', '.join(ARCHS)}) into an mlx-lm folder: "
         "config.json, safetensors weights, tokenizer.json and tokenizer_config.json.",
     )
     p.add_argument("--gguf", required=True, help="input .gguf file")

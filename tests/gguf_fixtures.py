@@ -25,6 +25,7 @@ from gguf_vocab import add_vocab
 LAYOUT = {
     "llama": ("llama", "smollm", True, 0.0),
     "qwen2": ("qwen2", "qwen2", False, 0.0),
+    "qwen3": ("qwen3", "qwen2", False, 0.0),
     "gemma3_text": ("gemma3", "gemma", False, 1.0),
 }
 

@@ -20,7 +20,7 @@ from gain_mlx.gguf import convert as conv
 from gain_mlx.gguf.convert import cached_convert, convert_gguf, open_gguf, write_model
 from gguf_fixtures import gguf_tensors, llama3_rope_factors, tiny_for_gguf, write_gguf
 
-ARCHS = ["llama", "qwen2", "gemma3_text"]
+ARCHS = ["llama", "qwen2", "qwen3", "gemma3_text"]
 IDS = np.random.default_rng(0).integers(0, 512, 40)  # longer than gemma3's window (16)
 
 

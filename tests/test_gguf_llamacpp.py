@@ -46,7 +46,7 @@ def mlx_logits(model_dir, ids=IDS, **config_overrides):
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0, Q.Q4_1], ids=lambda q: q.name)
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "gemma3_text"])
 def test_tiny_architectures_match_llama_cpp(tmp_path, model_type, qtype):
     """Tiny random models written in llama.cpp's layout (its loader accepts them)."""
     path = write_gguf(tmp_path / "m.gguf", tiny_for_gguf(model_type), qtype)

@@ -100,6 +100,7 @@ def _swa_period(is_sliding: list) -> int:
 ARCHS = {
     "llama": ArchSpec("llama", permute_qk=True),
     "qwen2": ArchSpec("qwen2"),
+    "qwen3": ArchSpec("qwen3"),
     "gemma3": ArchSpec("gemma3_text", norm_shift=1.0, extra=_gemma3),
 }
 
