@@ -2,8 +2,9 @@
 
 Builds a synthetic llama GGUF of about --size-gb (random --qtype blocks with sane
 scales, streamed to disk one tensor at a time) and a KV-tied gain-ffn adapter for it,
-then times, once each: `cp` of the file, and the export (a fresh process: imports,
-header parse, copy, patch, flush, error check). Peak RSS is the child's ru_maxrss.
+then times, once each: `cp` of the file, `cp` + `sync` of the copy (the export flushes
+its output before renaming it), and the export (a fresh process: imports, header
+parse, copy, patch, flush, error check). Peak RSS is each child's own ru_maxrss.
 Files live in --dir and are deleted afterwards (unless --keep).
 
     python tools/bench_export.py --size-gb 1 --json bench_export.json
@@ -140,6 +141,9 @@ def main(argv=None) -> dict:
         subprocess.run(["cat", str(base)], check=True, stdout=subprocess.DEVNULL)  # warm the page cache
         cp_s, cp_rss = timed(["cp", str(base), str(work / "copy.gguf")])
         (work / "copy.gguf").unlink()
+        # the export flushes its output to disk before renaming it; so does this reference
+        cp_sync_s, _ = timed(["sh", "-c", f"cp '{base}' '{work}/copy.gguf' && sync '{work}/copy.gguf'"])
+        (work / "copy.gguf").unlink()
         ex_s, ex_rss = timed([sys.executable, "-m", "gain_mlx.export", "--gguf", str(base),
                               "--adapter-path", str(adapter), "--out", str(work / "out.gguf")])
         result = {
@@ -149,6 +153,8 @@ def main(argv=None) -> dict:
             "cp_s": round(cp_s, 2),
             "export_s": round(ex_s, 2),
             "ratio": round(ex_s / cp_s, 2),
+            "cp_sync_s": round(cp_sync_s, 2),
+            "ratio_vs_cp_sync": round(ex_s / cp_sync_s, 2),
             "export_peak_rss_mib": round(ex_rss, 1),
             "cp_peak_rss_mib": round(cp_rss, 1),
         }

@@ -306,17 +306,18 @@ def converted_bytes(edit: Edit, tensor) -> np.ndarray:
     return _rescaled_bytes(_raw(tensor), tensor.tensor_type, row_f, col_f, CONVERT_TYPES[edit.how])
 
 
-def _release(reader: GGUFFile, tensor, write: bool) -> None:
-    """Flush a tensor's pages and drop them from memory (keeps RSS small on big files)."""
+def _release(reader: GGUFFile, tensor) -> None:
+    """Unmap a tensor's pages from this process (keeps RSS small on big files). On a
+    shared file mapping, modified pages stay in the page cache and are written back."""
     mm = getattr(reader.data, "_mmap", None)
-    if mm is None:
+    if mm is None or not hasattr(mm, "madvise"):
         return
     start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
-    length = tensor.data_offset + tensor.n_bytes - start
-    if write:
-        mm.flush(start, length)
-    if hasattr(mm, "madvise"):
-        mm.madvise(mmap.MADV_DONTNEED, start, length)
+    mm.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
+
+
+def _norm(x: np.ndarray) -> float:
+    return float(np.sqrt(np.square(x, dtype=np.float64).sum()))  # no BLAS threads
 
 
 def measure(src: GGUFFile, out: GGUFFile, edits, check_rows: int = CHECK_ROWS) -> list:
@@ -343,7 +344,9 @@ def measure(src: GGUFFile, out: GGUFFile, edits, check_rows: int = CHECK_ROWS) -
             for e in mine:
                 expected = _scaled(expected, g, r, *_factors(e, a))
             got = Q.dequantize(rb.reshape(groups * rows, -1)[flat], b.tensor_type)
-        err = float(np.linalg.norm(got - expected) / (np.linalg.norm(expected) + 1e-30))
+        err = _norm(got - expected) / (_norm(expected) + 1e-30)
+        _release(src, a)
+        _release(out, b)
         report.append({
             "tensor": name,
             "type": a.tensor_type.name if a.tensor_type == b.tensor_type else f"{a.tensor_type.name}->{b.tensor_type.name}",
@@ -418,7 +421,7 @@ def rewrite(reader: GGUFFile, path, replace: dict, drop=lambda key: False, add_k
                 f.write(np.ascontiguousarray(replace[t.name][1]()).tobytes())
             else:
                 f.write(memoryview(mem[t.data_offset:t.data_offset + t.n_bytes]))
-                _release(reader, t, write=False)
+                _release(reader, t)
         f.write(b"\0" * (_align(f.tell() - start, reader.alignment) + start - f.tell()))
 
 
@@ -518,7 +521,7 @@ def export_gguf(
         for e in edits:
             if e.how not in CONVERT_TYPES:
                 apply_edit(e, patched[e.tensor])
-                _release(out, patched[e.tensor], write=True)
+                _release(out, patched[e.tensor])
         out.data.flush()
         report = measure(src, out, edits, check_rows)
         del out, patched
