@@ -467,10 +467,30 @@ def _check_paths(gguf_path: Path, out_path: Path, force: bool) -> None:
 
 
 def format_report(report: list) -> str:
-    lines = [f"{'tensor':32s} {'type':12s} {'axis':8s} {'how':8s} rel.err"]
+    """The plan as executed: one line per edited tensor, then a summary."""
+    lines = [f"{'tensor':28s} {'type':10s} {'axis':8s} {'how':8s} {'rel.err':>8s}  gain of"]
     for r in report:
-        lines.append(f"{r['tensor']:32s} {r['type']:12s} {r['axis']:8s} {r['how']:8s} {r['rel_err']:.2e}")
+        lines.append(
+            f"{r['tensor']:28s} {r['type']:10s} {r['axis']:8s} {r['how']:8s} {r['rel_err']:8.1e}  "
+            + ", ".join(r["targets"])
+        )
+    counts = {}
+    for r in report:
+        counts[r["how"]] = counts.get(r["how"], 0) + 1
+    worst = max((r["rel_err"] for r in report), default=0.0)
+    lines.append(
+        f"{len(report)} tensors edited ("
+        + ", ".join(f"{n} {HOW_WORDS[h]}" for h, n in counts.items())
+        + f"); largest relative error vs s * dequantize(original): {worst:.1e}"
+    )
+    if "requant" in counts:
+        lines.append("requantizing adds fresh quantization error: --fallback f16 / q8_0, or "
+                     "training with --tie-kv (exact V-row folds), avoid it")
     return "\n".join(lines)
+
+
+HOW_WORDS = {"scales": "exact (scale fields)", "requant": "requantized", "f16": "rewritten as F16",
+             "q8_0": "rewritten as Q8_0"}
 
 
 def export_gguf(
