@@ -90,7 +90,7 @@ def compare(base, out, factors, same_layout=True, requantized=()):
             assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(u.data).view(np.uint8)), t.name
             continue
         axis, f = factors[t.name]
-        want = values(t) * (f[:, None] if axis == "rows" else f[None, :])
+        want = values(t) * {"rows": f[:, None], "columns": f[None, :], "elements": f}[axis]
         got = values(u)
         errors[t.name] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
         if same_layout and t.tensor_type == u.tensor_type and t.name not in requantized:
@@ -252,6 +252,20 @@ def test_mha_untied_attention_gains_fold_into_v_rows(tmp_path):
     factors = {f"blk.{i}.attn_v.weight": ("rows", g[f"model.layers.{i}.self_attn.o_proj"]) for i in range(2)}
     factors.update({f"blk.{i}.ffn_up.weight": ("rows", g[f"model.layers.{i}.mlp.down_proj"]) for i in range(2)})
     assert max(compare(base, tmp_path / "o.gguf", factors).values()) <= 4 * 2.0**-11
+
+
+def test_producer_bias_is_scaled_with_its_rows(tmp_path):
+    """qwen2's V projection has a bias: folding into V rows scales it too (F32, exact)."""
+    base = write_gguf(tmp_path / "base.gguf", tiny_for_gguf("qwen2", **SIZES), T.Q4_0)
+    adapter = make_adapter(tmp_path / "adapter", tiny_for_gguf("qwen2", **SIZES))
+    report = export_gguf(base, adapter, tmp_path / "o.gguf", fallback="refuse", log=lambda s: None)
+    factors = row_factors(adapter)
+    for i in range(2):
+        factors[f"blk.{i}.attn_v.bias"] = ("elements", factors[f"blk.{i}.attn_v.weight"][1])
+    assert {r["tensor"] for r in report} == set(factors)
+    errors = compare(base, tmp_path / "o.gguf", factors)
+    assert max(errors.values()) <= 4 * 2.0**-11
+    assert max(errors[f"blk.{i}.attn_v.bias"] for i in range(2)) <= 2.0**-23
 
 
 def test_float_target_takes_columns_exactly(tmp_path):
