@@ -33,21 +33,28 @@ def open_gguf(path) -> GGUFReader:
         raise GGUFImportError(f"{path} is not a readable GGUF file ({e})") from None
 
 
-def _mlx_arrays(
-    weights, dtype: str, q_bits: Optional[int], q_group_size: int
-) -> Iterator[Tuple[str, mx.array]]:
-    for name, w in weights:
+def _to_mlx(dtype: str):
+    def cast(w):
         a = mx.array(w).astype(DTYPES[dtype])
-        del w
+        mx.eval(a)
+        return a
+
+    return cast
+
+
+def _quantized(arrays, q_bits: Optional[int], q_group_size: int) -> Iterator[Tuple[str, mx.array]]:
+    """Matrices (``*.weight``, 2-D, rows divisible by the group size) as MLX affine
+    quantized triples, as ``mlx_lm``'s quantization picks them; the rest unchanged."""
+    for name, a in arrays:
         if q_bits and name.endswith(".weight") and a.ndim == 2 and a.shape[-1] % q_group_size == 0:
             wq, scales, biases = mx.quantize(a, group_size=q_group_size, bits=q_bits)
             mx.eval(wq, scales, biases)
+            del a
             prefix = name[: -len("weight")]
             yield name, wq
             yield prefix + "scales", scales
             yield prefix + "biases", biases
         else:
-            mx.eval(a)
             yield name, a
 
 
@@ -91,8 +98,8 @@ def write_model(
     if dtype not in DTYPES:
         raise GGUFImportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     config = gguf_config(reader)
-    weights = gguf_weights(reader, config, arch_spec(reader))
-    _write_shards(Path(out_dir), _mlx_arrays(weights, dtype, q_bits, q_group_size))
+    weights = gguf_weights(reader, config, arch_spec(reader), cast=_to_mlx(dtype))
+    _write_shards(Path(out_dir), _quantized(weights, q_bits, q_group_size))
     if q_bits:
         quant = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
         config["quantization"] = config["quantization_config"] = quant

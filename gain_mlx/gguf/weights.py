@@ -1,9 +1,9 @@
 """GGUF tensors -> mlx-lm weights, streamed one tensor at a time."""
 
-from typing import Dict, Iterator, Tuple
+from typing import Any, Callable, Dict, Iterator, Tuple
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, MODEL_ARCH_NAMES, TensorNameMap
+from gguf import GGUFReader, MODEL_ARCH_NAMES, TensorNameMap
 from gguf.quants import dequantize
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
@@ -12,6 +12,7 @@ from . import GGUFImportError
 from .config import ArchSpec, Metadata
 
 _SUFFIXES = (".weight", ".bias")
+CHUNK_VALUES = 1 << 22
 
 
 def model_parameter_shapes(config: dict) -> Dict[str, Tuple[int, ...]]:
@@ -56,15 +57,23 @@ def check_types(reader: GGUFReader) -> None:
 
 
 def _dequantize(t, shape) -> np.ndarray:
-    if t.tensor_type == GGMLQuantizationType.F32:
-        return np.array(t.data, dtype=np.float32).reshape(shape)
-    return dequantize(t.data, t.tensor_type).reshape(shape)
+    """float32 values of one tensor, dequantized a few MB at a time (gguf-py's
+    dequantizers need several times their output in scratch arrays)."""
+    raw = t.data.reshape(-1, t.data.shape[-1])
+    out = np.empty((raw.shape[0], shape[-1]), np.float32)
+    step = max(1, CHUNK_VALUES // shape[-1])
+    for i in range(0, raw.shape[0], step):
+        out[i : i + step] = dequantize(raw[i : i + step], t.tensor_type)
+    return out.reshape(shape)
 
 
 def gguf_weights(
-    reader: GGUFReader, config: dict, spec: ArchSpec
-) -> Iterator[Tuple[str, np.ndarray]]:
-    """Yield ``(mlx-lm name, float32 array)`` one tensor at a time, in mlx-lm layout.
+    reader: GGUFReader, config: dict, spec: ArchSpec, cast: Callable = np.asarray
+) -> Iterator[Tuple[str, Any]]:
+    """Yield ``(mlx-lm name, cast(float32 array))`` one tensor at a time, in mlx-lm layout.
+
+    ``cast`` runs inside the stream, so each float32 copy is freed before the
+    consumer sees the result.
 
     Raises GGUFImportError for tensors that have no place in the mlx-lm model,
     shape mismatches and missing parameters.
@@ -105,4 +114,5 @@ def gguf_weights(
             w = unpermute_qk(w, heads[kind])
         if spec.norm_shift and t.name.endswith("norm.weight"):
             w = w - np.float32(spec.norm_shift)
+        w = cast(w)
         yield name, w
