@@ -60,13 +60,14 @@ def gguf_tensors(model, qtype=Q.F32):
 
 
 def write_gguf(
-    path: Path, model, qtype=Q.F32, rope_scale=None, pattern_key=True, rope_base_swa=None,
+    path: Path, model, qtype=Q.F32, rope_scale=None, pattern="int", rope_base_swa=None,
     tensors=None, extra_tensors=(),
 ) -> Path:
     """Write an mlx-lm ``model`` as a GGUF file that llama.cpp loads.
 
     ``tensors``: ``(name, data, raw type)`` to write instead of the model's own;
-    ``extra_tensors``: more of them (e.g. ``rope_freqs.weight``).
+    ``extra_tensors``: more of them (e.g. ``rope_freqs.weight``); ``pattern``: how
+    Gemma 3's sliding-window layer pattern is stored ("int", per-layer "flags", or None).
     """
     config = vars(model.args)
     arch, style, _, _ = LAYOUT[config["model_type"]]
@@ -89,8 +90,11 @@ def write_gguf(
         w.add_rope_scaling_factor(rope_scale)
     if arch == "gemma3":
         w.add_sliding_window(config["sliding_window"])
-        if pattern_key:
-            w.add_sliding_window_pattern(config["sliding_window_pattern"])
+        period, n = config["sliding_window_pattern"], config["num_hidden_layers"]
+        if pattern == "int":
+            w.add_sliding_window_pattern(period)
+        elif pattern == "flags":
+            w.add_sliding_window_pattern([(i + 1) % period != 0 for i in range(n)])
         if rope_base_swa:
             w.add_rope_freq_base_swa(rope_base_swa)
     add_vocab(w, style, config["vocab_size"])

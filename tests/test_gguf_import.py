@@ -97,9 +97,10 @@ def test_rope_theta_is_not_hidden_where_mlx_lm_ignores_it(tmp_path):
     assert load_model(out)[0].layers[0].self_attn.rope.base == 10000.0
 
 
-def test_config_gemma3(tmp_path):
+@pytest.mark.parametrize("pattern", ["int", "flags"])
+def test_config_gemma3(tmp_path, pattern):
     model = tiny_for_gguf("gemma3_text", rope_theta=1e6, sliding_window=16, sliding_window_pattern=2)
-    config, out = _config(tmp_path, model)
+    config, out = _config(tmp_path, model, pattern=pattern)
     assert config["model_type"] == "gemma3_text"
     assert (config["sliding_window"], config["sliding_window_pattern"]) == (16, 2)
     assert (config["rope_theta"], config["rope_local_base_freq"]) == (1e6, 10000.0)
@@ -112,7 +113,7 @@ def test_config_gemma3(tmp_path):
 def test_config_gemma3_defaults_follow_llama_cpp(tmp_path):
     """No pattern key -> llama.cpp's Gemma 3 default of 6; a ``freq_base_swa`` key is read."""
     model = tiny_for_gguf("gemma3_text", sliding_window=16)
-    config = gguf_config_of(write_gguf(tmp_path / "a.gguf", model, pattern_key=False))
+    config = gguf_config_of(write_gguf(tmp_path / "a.gguf", model, pattern=None))
     assert config["sliding_window_pattern"] == 6
     config = gguf_config_of(write_gguf(tmp_path / "b.gguf", model, rope_base_swa=50000.0))
     assert config["rope_local_base_freq"] == 50000.0

@@ -74,16 +74,19 @@ def test_missing_qk_unpermute_fails(tmp_path):
     assert not agrees(kl, top1), (kl, top1)
 
 
-def test_gemma3_sliding_window_and_local_rope_base(tmp_path):
+@pytest.mark.parametrize("pattern", ["int", "flags"])
+def test_gemma3_sliding_window_and_local_rope_base(tmp_path, pattern):
     """A window shorter than the sequence, a non-default local RoPE base and layer
-    pattern: each must be read from the metadata as llama.cpp reads it."""
+    pattern (stored as a period or as per-layer flags): each must be read from the
+    metadata as llama.cpp reads it."""
     model = tiny_for_gguf("gemma3_text", num_hidden_layers=4, sliding_window=8,
                           sliding_window_pattern=2, rope_local_base_freq=500.0, rope_theta=1e6)
-    path = write_gguf(tmp_path / "m.gguf", model, rope_base_swa=500.0)
+    path = write_gguf(tmp_path / "m.gguf", model, pattern=pattern, rope_base_swa=500.0)
     reference = llamacpp_logits(path, IDS)
     out = convert_gguf(path, tmp_path / "mlx")
     assert agrees(*kl_top1(reference, mlx_logits(out)))
-    for mistake in ({"sliding_window": 64}, {"rope_local_base_freq": 10000.0}):
+    for mistake in ({"sliding_window": 64}, {"rope_local_base_freq": 10000.0},
+                    {"sliding_window_pattern": 4}):
         kl, top1 = kl_top1(reference, mlx_logits(out, **mistake))
         print(f"gemma3 with {mistake}: KL {kl:.3f} top-1 {top1:.3f}")
         assert not agrees(kl, top1), (mistake, kl, top1)

@@ -72,13 +72,11 @@ def _gemma3(meta: Metadata, config: dict) -> dict:
     pattern = meta.get("attention.sliding_window_pattern", 6)  # llama.cpp's default
     if isinstance(pattern, list):
         pattern = _swa_period(pattern)
-    head_dim = config["head_dim"]
-    if meta.get("attention.scale", None) is not None:
-        scalar = 1.0 / meta.get("attention.scale") ** 2
-    elif config["num_hidden_layers"] == 62:  # llama.cpp: Gemma 3 27B scales by d/heads
+    # llama.cpp scales Gemma 3 attention by head_dim**-0.5; the 27B (62 layers) by (d/heads)**-0.5
+    if config["num_hidden_layers"] == 62:
         scalar = config["hidden_size"] // config["num_attention_heads"]
     else:
-        scalar = head_dim
+        scalar = config["head_dim"]
     return {
         "sliding_window": int(meta.get("attention.sliding_window")),
         "sliding_window_pattern": int(pattern),

@@ -43,8 +43,8 @@ def _to_mlx(dtype: str):
 
 
 def _quantized(arrays, q_bits: Optional[int], q_group_size: int) -> Iterator[Tuple[str, mx.array]]:
-    """Matrices (``*.weight``, 2-D, rows divisible by the group size) as MLX affine
-    quantized triples, as ``mlx_lm``'s quantization picks them; the rest unchanged."""
+    """Matrices (2-D ``*.weight`` whose input size the group size divides) as MLX affine
+    quantized triples, the layers mlx-lm's own quantization picks; the rest unchanged."""
     for name, a in arrays:
         if q_bits and name.endswith(".weight") and a.ndim == 2 and a.shape[-1] % q_group_size == 0:
             wq, scales, biases = mx.quantize(a, group_size=q_group_size, bits=q_bits)
