@@ -268,6 +268,56 @@ def test_producer_bias_is_scaled_with_its_rows(tmp_path):
     assert max(errors[f"blk.{i}.attn_v.bias"] for i in range(2)) <= 2.0**-23
 
 
+def test_moe_expert_gains_fold_into_each_experts_up_rows(tmp_path):
+    """mlx-lm's switch_mlp (E experts stacked) -> gguf-py's *_exps tensors (E, rows, cols):
+    expert e's FFN-down gains land on the rows of expert e's up projection."""
+    import gguf
+
+    hidden, ffn, experts, heads, kv = 64, 32, 4, 4, 2
+    hd = hidden // heads
+    rng = np.random.default_rng(0)
+    base = tmp_path / "moe.gguf"
+    w = gguf.GGUFWriter(str(base), "qwen3moe")
+    w.add_block_count(1)
+    w.add_embedding_length(hidden)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    shapes = {"attn_output": (hidden, heads * hd), "attn_v": (kv * hd, hidden),
+              "ffn_up_exps": (experts, ffn, hidden), "ffn_down_exps": (experts, hidden, ffn)}
+    for name, shape in shapes.items():
+        w.add_tensor(f"blk.0.{name}.weight", gq.quantize(rng.standard_normal(shape).astype(np.float32), T.Q4_0),
+                     raw_dtype=T.Q4_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    attn, down = "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.switch_mlp.down_proj"
+    gains = {attn: rng.uniform(0.6, 1.4, (kv, hd)), down: rng.uniform(0.6, 1.4, (experts, ffn))}
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    mx.save_safetensors(str(adapter / "gains.safetensors"),
+                        {k + ".gain": mx.array(v.astype(np.float32)) for k, v in gains.items()})
+    targets = [
+        dict(path=attn, kind="attn", layer=0, producer="model.layers.0.self_attn.v_proj", producer_rows="all", tied=True),
+        dict(path=down, kind="ffn", layer=0, producer="model.layers.0.mlp.switch_mlp.up_proj", producer_rows="all", tied=False),
+    ]
+    (adapter / "gain_config.json").write_text(json.dumps(dict(
+        format_version=1, variant="gain-ffn", tie_kv=True, model_type="qwen3_moe", num_layers=1,
+        hidden_size=hidden, targets=targets, fingerprint=None)))
+    report = export_gguf(base, adapter, tmp_path / "o.gguf", fallback="refuse", log=lambda s: None)
+    assert {r["tensor"] for r in report} == {"blk.0.attn_v.weight", "blk.0.ffn_up_exps.weight"}
+    a, b = GGUFReader(base), GGUFReader(tmp_path / "o.gguf")
+    old, new = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    up = "blk.0.ffn_up_exps.weight"
+    want = values(old[up]) * gains[down][:, :, None]  # (E, rows, cols) * (E, rows, 1)
+    assert np.linalg.norm(values(new[up]) - want) / np.linalg.norm(want) <= 4 * 2.0**-11
+    v = "blk.0.attn_v.weight"
+    want = values(old[v]) * gains[attn].reshape(-1)[:, None]
+    assert np.linalg.norm(values(new[v]) - want) / np.linalg.norm(want) <= 4 * 2.0**-11
+    for name in ("blk.0.attn_output.weight", "blk.0.ffn_down_exps.weight"):
+        assert np.array_equal(np.asarray(old[name].data), np.asarray(new[name].data))
+
+
 def test_float_target_takes_columns_exactly(tmp_path):
     model = tiny_for_gguf("llama", **SIZES)
     base = write_gguf(tmp_path / "base.gguf", model, T.F16)
