@@ -60,8 +60,8 @@ def gguf_tensors(model, qtype=Q.F32):
 
 
 def write_gguf(
-    path: Path, model, qtype=Q.F32, rope_scale=None, pattern="int", rope_base_swa=None,
-    tensors=None, extra_tensors=(),
+    path: Path, model, qtype=Q.F32, rope_scale=None, rope_orig_ctx=None, pattern="int",
+    rope_base_swa=None, tensors=None, extra_tensors=(),
 ) -> Path:
     """Write an mlx-lm ``model`` as a GGUF file that llama.cpp loads.
 
@@ -88,6 +88,8 @@ def write_gguf(
     if rope_scale:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope_scale)
+    if rope_orig_ctx:
+        w.add_rope_scaling_orig_ctx_len(rope_orig_ctx)
     if arch == "gemma3":
         w.add_sliding_window(config["sliding_window"])
         period, n = config["sliding_window_pattern"], config["num_hidden_layers"]

@@ -181,3 +181,23 @@ def test_smollm2_loads_with_mlx_lm(smollm2):
     assert "<|im_start|>" in tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     assert tokenizer.encode(varied_text(), add_special_tokens=False)[:N_POSITIONS] == list(ids)
+
+
+def test_llama3_rope_freqs_match_llama_cpp(tmp_path):
+    """Llama 3.x GGUFs carry their RoPE scaling as a ``rope_freqs`` tensor. A small base
+    and original context put every frequency region inside 64 positions."""
+    from gguf_fixtures import llama3_rope_factors
+
+    model = tiny_for_gguf("llama", rope_theta=100.0)
+    factors = llama3_rope_factors(100.0, 16, factor=8.0, old_context=16)
+    path = write_gguf(tmp_path / "m.gguf", model, rope_orig_ctx=16,
+                      extra_tensors=[("rope_freqs.weight", factors, None)])
+    reference = llamacpp_logits(path, IDS)
+    out = convert_gguf(path, tmp_path / "mlx")
+    assert json.loads((out / "config.json").read_text())["rope_scaling"]["rope_type"] == "llama3"
+    kl, top1 = kl_top1(reference, mlx_logits(out))
+    print(f"llama3 rope_freqs: KL {kl:.2e} top-1 {top1:.3f}")
+    assert agrees(kl, top1) and kl < 1e-4, (kl, top1)
+    kl, top1 = kl_top1(reference, mlx_logits(out, rope_scaling=None))
+    print(f"llama3 rope_freqs ignored: KL {kl:.3f} top-1 {top1:.3f}")
+    assert not agrees(kl, top1), (kl, top1)
