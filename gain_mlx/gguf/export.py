@@ -517,6 +517,9 @@ def export_gguf(
     except AdapterError as e:
         raise ExportError(str(e)) from None
     src = _open(gguf_path)
+    if any(k.startswith(META_PREFIX) for k in src.fields):
+        log(f"note: {gguf_path} already has {META_PREFIX}* keys: gains were folded into it before; "
+            "they are applied again on top")
     table = tensor_name_map(src)
     targets = targets_from_config(config)
     check_fit(src, table, config, targets, adapter_path)
@@ -533,7 +536,8 @@ def export_gguf(
                 name: (CONVERT_TYPES[e.how], lambda e=e: converted_bytes(e, tensors[e.tensor]))
                 for name, e in converted.items()
             }
-            rewrite(src, tmp, replace, drop=lambda k: k.startswith(META_PREFIX), add_kv=add_kv)
+            drop = (lambda k: k.startswith(META_PREFIX)) if metadata else (lambda k: False)
+            rewrite(src, tmp, replace, drop=drop, add_kv=add_kv)
         else:
             shutil.copyfile(gguf_path, tmp)
         out = GGUFFile(tmp, "r+")
