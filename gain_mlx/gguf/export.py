@@ -177,8 +177,10 @@ def check_fit(reader, table, config: dict, targets, adapter_path) -> None:
         raise ExportError(f"the GGUF has no tensor for {missing[0]} (and {len(missing) - 1} more)")
     if config.get("fingerprint"):
         mine, theirs = _fingerprint(reader, table, targets), np.array(config["fingerprint"])
-        cos = float(mine @ theirs / (np.linalg.norm(mine) * np.linalg.norm(theirs) + 1e-30))
-        if mine.shape != theirs.shape or cos < MIN_FINGERPRINT_COSINE:
+        cos = -1.0
+        if mine.shape == theirs.shape:
+            cos = float(mine @ theirs / (_norm(mine) * _norm(theirs) + 1e-30))
+        if cos < MIN_FINGERPRINT_COSINE:
             raise ExportError(
                 f"adapter {adapter_path} was trained on different base weights (fingerprint "
                 f"similarity {cos:.2f} < {MIN_FINGERPRINT_COSINE}): pass the GGUF of its base"
