@@ -39,39 +39,35 @@ from .files import atomic_write
 from .layers import GainLinear
 from .train import evaluate_loss, train_gains
 
-DEFAULT_DATA_ROOT = "data/corpora"
+DEFAULT_DATA_ROOT = ".cache/corpora/domains"
 CORPORA_HINT = "python tools/make_corpora.py --out {root}"
 
-# Learning rates per method, a factor of ~3 apart. Gains need far larger steps than LoRA.
-RATES = {
-    "gain": [1e-3, 3e-3, 1e-2],
-    "gain-ffn": [3e-4, 1e-3, 3e-3],
-    "lora": [3e-5, 1e-4, 3e-4],
-    "lora-default": [1e-5, 3e-5, 1e-4],
-}
-
 PRESETS = {
-    # ~20 min on 2 CPU cores with OpenBLAS: SmolLM2-135M, 4 domains, short stages.
+    # Three domains after a control stage, GAIN-FFN against LoRA on the same projections,
+    # three rates each: 6 runs x 4 stages of 4 steps x 4 x 64 tokens (SmolLM2-135M on 2
+    # CPU cores with OpenBLAS: ~10-20 min on an idle machine, see docs/RESULTS.md).
     "quick": {
-        "domains": ["legal", "medical", "drama", "code"],
+        "domains": ["legal", "medical", "drama"],
         "control": "generic",
         "methods": ["gain-ffn", "lora"],
-        "rates": {"gain": [3e-3], "gain-ffn": [1e-3, 3e-3], "lora": [1e-4, 3e-4], "lora-default": [3e-5]},
-        "steps": 12,
+        "rates": {"gain": [1e-3, 3e-3, 1e-2], "gain-ffn": [1e-3, 3e-3, 1e-2], "lora": [3e-5, 1e-4, 3e-4],
+                  "lora-default": [1e-5, 3e-5, 1e-4]},
+        "steps": 4,
         "batch_size": 4,
-        "max_seq_length": 128,
-        "val_examples": 16,
+        "max_seq_length": 64,
+        "val_examples": 8,
     },
-    # All eight domains, three rates for every method.
+    # All eight domains after a control stage, every method, three rates each.
     "full": {
         "domains": ["conversational", "math", "drama", "legal", "literature", "medical", "dictionary", "code"],
         "control": "generic",
         "methods": ["gain", "gain-ffn", "lora", "lora-default"],
-        "rates": RATES,
-        "steps": 16,
+        "rates": {"gain": [1e-3, 3e-3, 1e-2], "gain-ffn": [1e-3, 3e-3, 1e-2], "lora": [3e-5, 1e-4, 3e-4],
+                  "lora-default": [1e-5, 3e-5, 1e-4]},
+        "steps": 6,
         "batch_size": 4,
-        "max_seq_length": 128,
-        "val_examples": 16,
+        "max_seq_length": 64,
+        "val_examples": 8,
     },
 }
 
@@ -203,14 +199,17 @@ def run_method(base, method, lr, stages, domains, cfg, log=print) -> dict:
     )
     rows, tic = {}, time.perf_counter()
     for i, stage in enumerate(stages):
+        stage_tic = time.perf_counter()
         mx.random.seed(cfg.seed + i)
         optimizer = optim.Adam(learning_rate=lr)  # a fresh optimizer per domain
         metrics = train_gains(model, optimizer, stage.train, None, args, seed=cfg.seed + i, log=lambda *a: None)
         if cfg.merge:
             merge(model)
             attach(model, cfg)
+        train_s = time.perf_counter() - stage_tic
         rows[stage.name] = perplexities(model, domains, cfg.max_seq_length)
-        log(f"  {method} lr {lr:g}: after {stage.name} (train loss {metrics['train_loss']:.3f}) "
+        log(f"{method} lr {lr:g}: after {stage.name} (train loss {metrics['train_loss']:.3f}, "
+            f"{train_s:.0f}s + eval {time.perf_counter() - stage_tic - train_s:.0f}s) "
             f"ppl {' '.join(f'{p:.2f}' for p in rows[stage.name])}")
     result = {
         "method": method,
@@ -430,12 +429,17 @@ def run(cfg, log=print) -> dict:
         "machine": f"{platform.machine()} {platform.system()}, mlx {mx.__version__}, device {mx.default_device()}",
         "sweep": [],
     }
-    previous = out / "results.json"
-    if previous.is_file():
+    for previous in [out / "results.json"] + [Path(d) / "results.json" for d in cfg.combine or []]:
+        if not previous.is_file():
+            continue
         old = json.loads(previous.read_text())
-        if (old.get("config"), old.get("domains"), old.get("model")) == (settings, results["domains"], results["model"]):
-            results["sweep"], results["base_ppl"] = old["sweep"], old["base_ppl"]
-            log(f"Resuming: {len(results['sweep'])} runs already in {previous}")
+        if (old.get("config"), old.get("domains"), old.get("model")) != (settings, results["domains"], results["model"]):
+            log(f"Not reusing {previous}: it was made with other settings")
+            continue
+        have = {(r["method"], r["lr"]) for r in results["sweep"]}
+        results["sweep"] += [r for r in old["sweep"] if (r["method"], r["lr"]) not in have]
+        results["base_ppl"] = old["base_ppl"]
+        log(f"Reusing {len(old['sweep'])} runs from {previous}")
 
     if "base_ppl" not in results:
         results["base_ppl"] = perplexities(base, domains, cfg.max_seq_length)
@@ -475,6 +479,8 @@ def build_parser():
     p.add_argument("--lora-scale", type=float, default=20.0)
     p.add_argument("--lora-layers", type=int, default=16, help="blocks adapted by lora-default (mlx-lm's default 16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--combine", nargs="+", metavar="DIR",
+                   help="also reuse the runs in these output folders (same settings; e.g. methods run in parallel)")
     add_fast_blas_argument(p)
     return p
 
@@ -491,7 +497,7 @@ def parse_args(argv=None):
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}: choose from {','.join(METHODS)}")
-    args.rates = {m: list(preset["rates"].get(m, RATES[m])) for m in METHODS}
+    args.rates = {m: list(preset["rates"][m]) for m in METHODS}
     for item in args.lr or []:
         method, _, values = item.partition("=")
         if method not in METHODS or not values:

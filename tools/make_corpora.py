@@ -13,7 +13,7 @@ document is left out, never put in another split). Chunks that repeat one alread
 (e.g. the same license text under two names) are dropped, so no valid or test
 chunk also appears in train.
 
-    python tools/make_corpora.py --out data/corpora            # all eight domains
+    python tools/make_corpora.py            # eight domains + generic, in .cache/corpora/domains
     python tools/make_corpora.py --domains legal --flat --out examples/data \\
         --train-chars 300000 --valid-chars 40000 --test-chars 40000
 
@@ -368,7 +368,7 @@ def build(domain, out, cache, budgets, size=800):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="data/corpora", help="output folder (one subfolder per domain)")
+    parser.add_argument("--out", default=".cache/corpora/domains", help="output folder, one subfolder per domain (default .cache/corpora/domains)")
     parser.add_argument("--domains", default=",".join(SOURCES), help=f"comma list from {','.join(SOURCES)}")
     parser.add_argument("--cache", default=".cache/corpora", help="download cache folder")
     parser.add_argument("--train-chars", type=int, default=400_000)
