@@ -367,6 +367,9 @@ def plots(results, out: Path, log=print) -> None:
         ax.plot(xs, ys, "o-", label=method)
         for x, y, r in zip(xs, ys, runs):
             ax.annotate(f"{r['lr']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = pareto_front(results["sweep"])
+    ax.scatter([100 * r["summary"]["in_domain"] for r in front], [100 * r["summary"]["forgetting"] for r in front],
+               s=140, facecolors="none", edgecolors="black", label="Pareto front")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("in-domain perplexity change vs base (%)  <- better")
     ax.set_ylabel("earlier domains at the end vs base (%)  <- better")

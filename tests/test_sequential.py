@@ -61,6 +61,13 @@ def test_results_structure_and_consistency(tmp_path, tiny_model_dir):
         assert any(r["method"] == method and r["lr"] == head["lr"] and r["ppl"] == head["ppl"]
                    for r in saved["sweep"])
     assert "| gain-ffn | 0.01 |" in (tmp_path / "out" / "results.md").read_text()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert (tmp_path / "out" / "heatmap.png").stat().st_size > 1000
+        assert (tmp_path / "out" / "pareto.png").stat().st_size > 1000
 
     # base_ppl is exp of the base model's loss, evaluated independently of the experiment
     model, tokenizer = load(str(tiny_model_dir))
@@ -109,3 +116,14 @@ def test_bad_input_is_one_line(tmp_path):
         sequential.parse_args(["--out", "x", "--lr", "gain"])
     with pytest.raises(SystemExit, match="make_corpora"):
         sequential.main(["--out", str(tmp_path / "o"), "--data-root", str(tmp_path), "--model", "x"])
+
+
+def test_pareto_front_and_matched_level():
+    def run(method, lr, in_domain, forgetting):
+        return {"method": method, "lr": lr, "summary": {"in_domain": in_domain, "forgetting": forgetting}}
+
+    a, b, c, d = run("x", 1, -0.10, 0.05), run("x", 2, -0.05, -0.02), run("y", 1, -0.08, 0.06), run("y", 2, -0.10, 0.04)
+    assert sequential.pareto_front([a, b, c, d]) == [b, d]  # d beats a and c on both axes
+    m = sequential.matched([a, b, c, d], ["x", "y"])
+    assert m["level"] == pytest.approx(-0.10)  # both methods reach -10%
+    assert m["runs"]["x"] is a and m["runs"]["y"] is d
