@@ -18,6 +18,8 @@ chunk also appears in train.
         --train-chars 300000 --valid-chars 40000 --test-chars 40000
 
 Running it again gives the same files; downloads already in the cache are reused.
+Every package is pinned except the code domain's `libpython3.11-stdlib`, which
+follows the Debian release's current point version.
 """
 
 import argparse
