@@ -42,28 +42,32 @@ from .train import evaluate_loss, train_gains
 DEFAULT_DATA_ROOT = ".cache/corpora/domains"
 CORPORA_HINT = "python tools/make_corpora.py --out {root}"
 
+_RATES = {"gain": [1e-3, 3e-3, 1e-2], "gain-ffn": [1e-3, 3e-3, 1e-2], "lora": [3e-5, 1e-4, 3e-4],
+          "lora-default": [1e-5, 3e-5, 1e-4]}
+
 PRESETS = {
-    # Three domains after a control stage, GAIN-FFN against LoRA on the same projections,
-    # three rates each: 6 runs x 4 stages of 4 steps x 4 x 64 tokens (SmolLM2-135M on 2
-    # CPU cores with OpenBLAS: ~10-20 min on an idle machine, see docs/RESULTS.md).
+    # Control stage + three domains, GAIN-FFN against LoRA on the same projections, three
+    # rates each: 6 runs x 4 stages of 4 steps x 4 x 64 tokens. SmolLM2-135M, 2 CPU cores
+    # with OpenBLAS: 70 min measured on a machine shared with other jobs (load ~10, see
+    # docs/RESULTS.md); ~10-15 min estimated on an idle one.
     "quick": {
         "domains": ["legal", "medical", "drama"],
         "control": "generic",
         "methods": ["gain-ffn", "lora"],
-        "rates": {"gain": [1e-3, 3e-3, 1e-2], "gain-ffn": [1e-3, 3e-3, 1e-2], "lora": [3e-5, 1e-4, 3e-4],
-                  "lora-default": [1e-5, 3e-5, 1e-4]},
+        "rates": _RATES,
         "steps": 4,
         "batch_size": 4,
         "max_seq_length": 64,
         "val_examples": 8,
     },
-    # All eight domains after a control stage, every method, three rates each.
+    # Control stage + all eight domains: GAIN-FFN and LoRA at three rates, GAIN and
+    # mlx-lm's default LoRA at one (widen with --lr): 8 runs x 9 stages of 6 steps x 4 x 64
+    # tokens, ~60 min estimated on an idle 2-core machine (not run here, docs/RESULTS.md).
     "full": {
         "domains": ["conversational", "math", "drama", "legal", "literature", "medical", "dictionary", "code"],
         "control": "generic",
-        "methods": ["gain", "gain-ffn", "lora", "lora-default"],
-        "rates": {"gain": [1e-3, 3e-3, 1e-2], "gain-ffn": [1e-3, 3e-3, 1e-2], "lora": [3e-5, 1e-4, 3e-4],
-                  "lora-default": [1e-5, 3e-5, 1e-4]},
+        "methods": ["gain-ffn", "lora", "gain", "lora-default"],
+        "rates": dict(_RATES, gain=[3e-3], **{"lora-default": [3e-5]}),
         "steps": 6,
         "batch_size": 4,
         "max_seq_length": 64,
