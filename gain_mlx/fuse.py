@@ -383,6 +383,10 @@ def fuse(
     }
     if verbose:
         print(format_plan(report))
+        rounded = [r["rel_error"] for r in report if r["method"] == "scales" and r["dtype"] != "float32"]
+        if rounded:
+            print(f"note: up to {max(rounded):.1e} relative error is the rounding of folded scales to their "
+                  "stored dtype; --fp32-scales makes the merge exact")
     save_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = save_path.with_name(f".{save_path.name}.tmp-{os.getpid()}")
     try:

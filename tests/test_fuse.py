@@ -106,6 +106,9 @@ def test_fused_folder_runs_in_plain_mlx_lm(base, adapter, tmp_path):
     assert len(plan["steps"]) == 4 and {s["method"] for s in plan["steps"]} == {"scales"}
     assert str(adapter) in (out / "README.md").read_text()
     assert not list(tmp_path.glob(".*"))  # no temp folder left
+    # zero cost: the same tensors (names, shapes, dtypes) as the base, no extra layer
+    w, w0 = weights(out), weights(base)
+    assert {k: (v.shape, v.dtype) for k, v in w.items()} == {k: (v.shape, v.dtype) for k, v in w0.items()}
     # logits: plain mlx-lm on the folder == base with the adapter applied at run time
     fused, _ = mlx_load(str(out))
     gained, tokenizer = runtime_model(base, adapter)
@@ -224,3 +227,37 @@ def adapter_targets(adapter):
     from gain_mlx.adapter import read_adapter, targets_from_config
 
     return targets_from_config(read_adapter(adapter)[0])
+
+
+@pytest.mark.real
+def test_smollm2_default_model_fuses_exactly(tmp_path):
+    """SmolLM2-135M (the packaged GGUF, float32 import): the CLI with no --model, then the
+    same weights quantized to 4 bits in memory with KV-tied gains (exact scale folds)."""
+    from mlx_lm.utils import quantize_model as quantize
+
+    from gain_mlx.loading import load_model
+
+    model, _, _ = load_model(None, verbose=False)
+    targets = apply_gains(model, "gain-ffn", tie_kv=True)
+    key = mx.random.key(0)
+    for _, layer in model.named_modules():
+        if isinstance(layer, GAIN_LAYERS):
+            key, sub = mx.random.split(key)
+            layer.gain = mx.random.uniform(0.5, 1.5, layer.gain.shape, key=sub)
+    save_adapter(model, tmp_path / "a", adapter_config(model, targets, "gain-ffn", True))
+    x = mx.array([[1, 504, 2364, 314, 253, 1345, 30, 378, 2096, 28, 2]])
+    want = model(x)
+    run_fuse("--adapter-path", tmp_path / "a", "--save-path", tmp_path / "fused")
+    plan = json.loads((tmp_path / "fused" / F.PLAN_FILE).read_text())
+    assert {s["method"] for s in plan["steps"]} == {"float"} and len(plan["steps"]) == 60
+    fused, _ = mlx_load(str(tmp_path / "fused"))
+    assert rel_diff(fused(x), want) <= 1e-5
+    del fused
+
+    model, _, _ = load_model(None, verbose=False)
+    model, _ = quantize(model, {}, 64, 4)
+    load_adapter(model, tmp_path / "a")
+    want = model(x)
+    report = F.fuse_model(model, adapter_targets(tmp_path / "a"))
+    assert {r["method"] for r in report} == {"scales"} and max(r["rel_error"] for r in report) < 1e-6
+    assert rel_diff(model(x), want) <= 1e-5
