@@ -1,8 +1,9 @@
 """Training step time and peak memory: GAIN against the frozen-model floor and LoRA.
 
 One model, one batch shape, one process; configurations are timed interleaved (round
-robin) so that load from other processes hits them alike. Each step is one mlx-lm style
-compiled training step (loss, gradients, Adam update). The floor is the frozen model's
+robin, the order rotated each round, so use --steps a multiple of the number of configs)
+so that load from other processes and a config's place in the round hit them alike.
+Each step is one mlx-lm style compiled training step (loss, gradients, Adam update). The floor is the frozen model's
 forward and backward with a single trainable scalar on the embedding output: the least
 any adapter that trains through the whole network can cost.
 
@@ -159,7 +160,7 @@ def build(base, names, dequantize, compile_step):
 
 
 def run_bench(runs, batch, steps, warmup):
-    """Median step seconds and peak memory per config, timed round robin."""
+    """Median step seconds and peak memory per config, timed round robin (rotated)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     for step, state, _ in runs.values():
         for _ in range(warmup):
@@ -167,9 +168,12 @@ def run_bench(runs, batch, steps, warmup):
     times = {k: [] for k in runs}
     cpu_times = {k: [] for k in runs}
     peaks = {k: 0 for k in runs}
+    names = list(runs)
     for i in range(steps):
         print(f"round {i + 1}/{steps}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
-        for name, (step, state, _) in runs.items():
+        # rotate the order each round: a config's place in the round biases its time
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            step, state, _ = runs[name]
             mx.reset_peak_memory()
             tic, cpu_tic = time.perf_counter(), time.process_time()
             mx.eval(step(inputs, targets), state)
