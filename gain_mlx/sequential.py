@@ -265,15 +265,14 @@ def matched(runs, methods, key="summary") -> dict:
     """Headline runs at matched in-domain adaptation.
 
     The level is the weakest of the methods' best in-domain changes (one every method
-    reaches); each method's headline is its run closest to that level (ties: the one
-    that forgets less). The gap to the level is reported: rates that never come close
-    mean the sweep needs another rate.
+    reaches); each method's headline is its least-forgetting run that reaches it: the
+    best it can do at that adaptation or more.
     """
     by_method = {m: [r for r in runs if r["method"] == m] for m in methods}
     by_method = {m: rs for m, rs in by_method.items() if rs}
     level = max(min(r[key]["in_domain"] for r in rs) for rs in by_method.values())
     pick = {
-        m: min(rs, key=lambda r: (round(abs(r[key]["in_domain"] - level), 4), r[key]["forgetting"]))
+        m: min((r for r in rs if r[key]["in_domain"] <= level + 1e-12), key=lambda r: r[key]["forgetting"])
         for m, rs in by_method.items()
     }
     return {"level": level, "runs": pick}
@@ -403,7 +402,7 @@ def finish(results, methods) -> dict:
 
 def run(cfg, log=print) -> dict:
     """The whole experiment; writes ``results.json``/``.md`` after every run (resumable)."""
-    from .loading import load_model
+    from .loading import default_model_path, load_model
 
     folders = [_folder(d, cfg.data_root) for d in cfg.domains]
     control_folder = _folder(cfg.control, cfg.data_root) if cfg.control else None
@@ -429,7 +428,7 @@ def run(cfg, log=print) -> dict:
                 ("steps", "batch_size", "max_seq_length", "val_examples", "seed", "merge", "control",
                  "lora_rank", "lora_scale", "lora_layers")}
     results = {
-        "model": str(cfg.model or model_path),
+        "model": str(cfg.model or default_model_path().name),
         "domains": [d.name for d in domains],
         "control": cfg.control,
         "config": settings,
