@@ -6,6 +6,7 @@ affected blocks change (see gain_mlx.gguf.export).
 
 import argparse
 
+from . import cpu
 from .gguf.export import FALLBACKS, ExportError, export_gguf
 
 
@@ -27,11 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metadata", action="store_true", help="add gain_mlx.* provenance keys (rewrites the header)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    cpu.add_fast_blas_argument(p)
     return p
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    cpu.ensure_fast_blas(args.fast_blas)
     try:
         export_gguf(args.gguf, args.adapter_path, args.out, args.fallback, args.metadata, args.force)
     except ExportError as e:

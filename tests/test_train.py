@@ -93,3 +93,26 @@ def test_bad_input_is_one_line_error(tiny_model_dir, tiny_data_dir, tmp_path, ex
         main(argv)
     assert re.search(message, str(e.value)) and "\n" not in str(e.value)
     assert not (tmp_path / "a" / "gains.safetensors").exists()
+
+
+def test_quantized_folder_trains_through_float_copy(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    """--dequantize on: train on a float32 copy; the adapter then loads into the quantized base."""
+    import shutil
+
+    from conftest import save_tiny_model
+    from mlx_lm.utils import quantize_model
+
+    model, _ = load(str(tiny_model_dir))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    model, config = quantize_model(model, config, group_size=32, bits=4)
+    qdir = tmp_path / "q4"
+    save_tiny_model(model, qdir, config)
+    for f in tiny_model_dir.glob("tokenizer*"):
+        shutil.copy(f, qdir)
+    main(["--model", str(qdir), "--data", str(tiny_data_dir), "--adapter-path", str(tmp_path / "a"),
+          "--iters", "4", "--learning-rate", "1e-2", "--dequantize", "on", "--val-batches", "1", *FAST])
+    assert "Training on a float32 copy" in capsys.readouterr().out
+    quantized, _ = load(str(qdir))
+    assert isinstance(quantized.layers[0].mlp.down_proj, nn.QuantizedLinear)
+    A.load_adapter(quantized, tmp_path / "a")
+    assert mx.abs(quantized.layers[0].mlp.down_proj.gain - 1).max().item() > 1e-3
