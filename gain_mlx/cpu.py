@@ -154,10 +154,16 @@ def copy_model(value):
 
 
 def _dequantized_weight(layer, dtype):
+    # mx.dequantize computes in the scales' dtype: lift float scales to the target dtype
+    # first, or bf16 scales would round the float32 copy (E8M0 uint8 scales stay as they are).
+    scales, biases = layer["scales"], layer.get("biases")
+    if mx.issubdtype(scales.dtype, mx.floating):
+        scales = scales.astype(dtype)
+        biases = biases.astype(dtype) if biases is not None else None
     return mx.dequantize(
         layer["weight"],
-        layer["scales"],
-        layer.get("biases"),
+        scales,
+        biases,
         group_size=layer.group_size,
         bits=layer.bits,
         mode=layer.mode,

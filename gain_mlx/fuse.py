@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
 
+from . import cpu
 from .adapter import (
     GAINS_FILE,
     AdapterError,
@@ -423,7 +424,9 @@ def main(argv=None):
         help="store the scales/biases of folded quantized layers in float32 (exact merge)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing --save-path")
+    cpu.add_fast_blas_argument(parser)
     args = parser.parse_args(argv)
+    cpu.ensure_fast_blas(args.fast_blas)
     try:
         fuse(
             args.model,
