@@ -2,7 +2,6 @@
 
 import argparse
 
-from . import cpu
 from .gguf.config import ARCHS
 from .gguf.convert import DTYPES, convert_gguf
 
@@ -22,13 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-bits", type=int, choices=[4, 8], default=4, help="bits with --quantize")
     p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64,
                    help="group size with --quantize")
-    cpu.add_fast_blas_argument(p)
     return p
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)
     try:
         out = convert_gguf(
             args.gguf,
