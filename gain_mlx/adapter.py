@@ -22,8 +22,8 @@ FORMAT_VERSION = 1
 GAINS_FILE = "gains.safetensors"
 CONFIG_FILE = "gain_config.json"
 ORIENTATION = "input"  # y = W (gain * x) + b, i.e. W_new = W diag(gain)
-_PROBE_ROWS = 8
-_MIN_PROBE_COSINE = 0.95
+PROBE_ROWS = 8  # rows of each gained weight that the fingerprint projects
+MIN_FINGERPRINT_COSINE = 0.95
 
 _SIZE_KEYS = {
     "hidden_size": ("hidden_size", "n_embd", "d_model"),
@@ -86,7 +86,7 @@ def _probe_rows(layer) -> mx.array:
     """The first rows of a (possibly quantized, possibly per-expert) weight, in float32."""
 
     def rows(a):
-        return a.reshape(-1, a.shape[-1])[:_PROBE_ROWS]
+        return a.reshape(-1, a.shape[-1])[:PROBE_ROWS]
 
     if not hasattr(layer, "scales"):
         return rows(layer.weight).astype(mx.float32)
@@ -101,18 +101,28 @@ def _probe_rows(layer) -> mx.array:
     ).astype(mx.float32)
 
 
+def probe(rows) -> list:
+    """Projections of float weight rows ``(n, in)`` on a fixed random vector of size ``in``."""
+    rows = mx.array(rows, dtype=mx.float32)
+    v = mx.random.normal((rows.shape[-1],), key=mx.random.key(rows.shape[-1]))
+    return (rows @ v).tolist()
+
+
 def fingerprint(model, targets: list) -> list:
-    """Projections of a few rows of each target's base weight on a fixed random vector.
+    """``probe`` of the first rows of each target's base weight.
 
     Stable across dtypes and quantization of the same weights (compared by cosine),
     unrelated for different weights.
     """
-    probes = []
-    for t in targets:
-        rows = _probe_rows(_base_layer(model, t.path))
-        v = mx.random.normal((rows.shape[-1],), key=mx.random.key(rows.shape[-1]))
-        probes.extend((rows @ v).tolist())
-    return probes
+    return [p for t in targets for p in probe(_probe_rows(_base_layer(model, t.path)))]
+
+
+def fingerprint_similarity(a, b) -> float:
+    """Cosine of two fingerprints (-1 when their shapes differ)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return -1.0
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
 def _model_sizes(model) -> dict:
@@ -189,12 +199,11 @@ def check_base(model, config: dict, source: str = "adapter") -> None:
                 "pass the --model it was trained on"
             )
     targets = targets_from_config(config)
-    mine, theirs = np.array(fingerprint(model, targets)), np.array(config["fingerprint"])
-    cos = float(mine @ theirs / (np.linalg.norm(mine) * np.linalg.norm(theirs) + 1e-30))
-    if cos < _MIN_PROBE_COSINE:
+    cos = fingerprint_similarity(fingerprint(model, targets), config["fingerprint"])
+    if cos < MIN_FINGERPRINT_COSINE:
         raise AdapterError(
             f"{source} was trained on different base weights (fingerprint similarity "
-            f"{cos:.2f} < {_MIN_PROBE_COSINE}): pass the --model it was trained on"
+            f"{cos:.2f} < {MIN_FINGERPRINT_COSINE}): pass the --model it was trained on"
         )
 
 

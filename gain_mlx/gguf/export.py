@@ -27,7 +27,15 @@ from typing import Callable, Optional
 import numpy as np
 from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType as T, GGUFValueType, TensorNameMap
 
-from ..adapter import AdapterError, read_adapter, targets_from_config
+from ..adapter import (
+    MIN_FINGERPRINT_COSINE,
+    PROBE_ROWS,
+    AdapterError,
+    fingerprint_similarity,
+    probe,
+    read_adapter,
+    targets_from_config,
+)
 from ..arch import HeadLayout
 from ..fold import FoldStep, plan_folds
 from . import quants as Q
@@ -54,7 +62,6 @@ SIZE_KEYS = {
 # Row layouts of a producer that llama.cpp's converter keeps in HF order (V rows of a
 # fused qkv, up half of a fused gate|up). gpt_neox's per-head qkv is not among them.
 GGUF_ROW_LAYOUTS = ("all", "v", "up")
-MIN_FINGERPRINT_COSINE = 0.95  # as gain_mlx.adapter.check_base
 META_PREFIX = "gain_mlx."
 CHECK_ROWS = 64  # rows per tensor compared against s * dequantize(original)
 
@@ -142,18 +149,14 @@ def _layout(reader: GGUFFile, table, targets) -> Optional[HeadLayout]:
     return HeadLayout(int(n_heads), int(n_kv), _cols(out) // int(n_heads))
 
 
-def _fingerprint(reader, table, targets, rows: int = 8) -> np.ndarray:
+def _fingerprint(reader, table, targets) -> list:
     """``gain_mlx.adapter.fingerprint`` computed from the GGUF's own target weights."""
-    import mlx.core as mx
-
     probes = []
     for t in targets:
         tensor = gguf_tensor(reader, table, t.path)
-        head = _raw(tensor).reshape(-1, _raw(tensor).shape[-1])[:rows]
-        w = Q.dequantize(head, tensor.tensor_type)
-        v = np.array(mx.random.normal((w.shape[-1],), key=mx.random.key(w.shape[-1])))
-        probes.extend((w @ v).tolist())
-    return np.array(probes)
+        head = _raw(tensor).reshape(-1, _raw(tensor).shape[-1])[:PROBE_ROWS]
+        probes.extend(probe(Q.dequantize(head, tensor.tensor_type)))
+    return probes
 
 
 def check_fit(reader, table, config: dict, targets, adapter_path) -> None:
@@ -176,10 +179,7 @@ def check_fit(reader, table, config: dict, targets, adapter_path) -> None:
     if missing:
         raise ExportError(f"the GGUF has no tensor for {missing[0]} (and {len(missing) - 1} more)")
     if config.get("fingerprint"):
-        mine, theirs = _fingerprint(reader, table, targets), np.array(config["fingerprint"])
-        cos = -1.0
-        if mine.shape == theirs.shape:
-            cos = float(mine @ theirs / (_norm(mine) * _norm(theirs) + 1e-30))
+        cos = fingerprint_similarity(_fingerprint(reader, table, targets), config["fingerprint"])
         if cos < MIN_FINGERPRINT_COSINE:
             raise ExportError(
                 f"adapter {adapter_path} was trained on different base weights (fingerprint "
