@@ -105,7 +105,7 @@ def plan_folds(
     """Decide, per target, where its gain goes.
 
     targets: ``gain_mlx.arch.Target`` list; gains: ``{target path: full gain}`` of shape
-    ``(in,)`` or ``(E, in)`` (KV-tied attention gains expanded, ``layers.full_gain``);
+    ``(in,)`` or ``(E, in)`` (KV-tied attention gains expanded, ``GainLinear.full_gain``);
     is_quantized: whether the target at a path has quantized weights; layout: the
     model's ``arch.HeadLayout`` (without it attention gains never go to V rows).
 

@@ -51,8 +51,3 @@ class GainSwitchLinear(nn.Module):
 
 
 GAIN_LAYERS = (GainLinear, GainSwitchLinear)
-
-
-def full_gain(layer) -> mx.array:
-    """The gain as applied to the layer's inputs: ``(in,)`` or ``(E, in)``."""
-    return layer.full_gain()

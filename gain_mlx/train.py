@@ -32,7 +32,7 @@ from mlx_lm.tuner.trainer import (
 
 from . import adapter as gain_adapter
 from . import cpu
-from .arch import VARIANTS
+from .arch import ARCHITECTURES, VARIANTS
 from .files import atomic_write
 
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
@@ -390,6 +390,9 @@ def run(args) -> dict:
         config = gain_adapter.adapter_config(
             model, targets, args.variant, args.tie_kv, base_model=str(args.model or model_path)
         )
+    if model.model_type in ARCHITECTURES and ARCHITECTURES[model.model_type].post_norm:
+        print(f"Note: {model.model_type} normalises each sublayer's output (post-norm), which "
+              "partly cancels a gain: expect weaker effects than on other architectures")
     n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     print(f"Variant {config['variant']}{' (KV-tied)' if config['tie_kv'] else ''}: "
           f"{len(config['targets'])} gained projections, {n_params:,} trainable parameters")
