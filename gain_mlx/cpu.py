@@ -153,7 +153,8 @@ def copy_model(value):
     return value
 
 
-def _dequantized_weight(layer, dtype):
+def dequantized_weight(layer, dtype=mx.float32):
+    """A quantized layer's weight in ``dtype``, ``(out, in)`` or ``(E, out, in)``."""
     # mx.dequantize computes in the scales' dtype: lift float scales to the target dtype
     # first, or bf16 scales would round the float32 copy (E8M0 uint8 scales stay as they are).
     scales, biases = layer["scales"], layer.get("biases")
@@ -175,19 +176,19 @@ def _dequantized_weight(layer, dtype):
 def _float_linear(layer, dtype):
     out_dims = layer["weight"].shape[0]
     new = nn.Linear(1, out_dims, bias="bias" in layer)
-    new.weight = _dequantized_weight(layer, dtype)
+    new.weight = dequantized_weight(layer, dtype)
     return new
 
 
 def _float_switch_linear(layer, dtype):
     new = SwitchLinear(1, layer.output_dims, layer.num_experts, bias="bias" in layer)
-    new.weight = _dequantized_weight(layer, dtype)
+    new.weight = dequantized_weight(layer, dtype)
     return new
 
 
 def _float_embedding(layer, dtype):
     new = nn.Embedding(1, 1)
-    new.weight = _dequantized_weight(layer, dtype)
+    new.weight = dequantized_weight(layer, dtype)
     return new
 
 

@@ -60,24 +60,10 @@ def _kind(layer) -> str:
 
 
 def _dequantized(layer) -> mx.array:
-    """The layer's weight in float32, ``(out, in)`` or ``(E, out, in)``, computed in float32
-    (``mx.dequantize`` computes in the scales' dtype)."""
+    """The layer's weight in float32, ``(out, in)`` or ``(E, out, in)``, computed in float32."""
     if "scales" not in layer:
         return layer.weight.astype(mx.float32)
-    scales, biases = layer["scales"], layer.get("biases")
-    if scales.dtype != mx.uint8:
-        scales = scales.astype(mx.float32)
-        biases = biases.astype(mx.float32) if biases is not None else None
-    return mx.dequantize(
-        layer["weight"],
-        scales,
-        biases,
-        group_size=layer.group_size,
-        bits=layer.bits,
-        mode=layer.mode,
-        global_scale=layer.get("global_scale"),
-        dtype=mx.float32,
-    )
+    return cpu.dequantized_weight(layer, mx.float32)
 
 
 def _quantize(w: mx.array, layer) -> tuple:
