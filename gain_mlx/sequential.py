@@ -60,14 +60,14 @@ PRESETS = {
         "max_seq_length": 64,
         "val_examples": 8,
     },
-    # Control stage + all eight domains: GAIN-FFN and LoRA at three rates, GAIN and
-    # mlx-lm's default LoRA at one (widen with --lr): 8 runs x 9 stages of 6 steps x 4 x 64
-    # tokens, ~60 min estimated on an idle 2-core machine (not run here, docs/RESULTS.md).
+    # Control stage + all eight domains, every method at three rates: 12 runs x 9 stages
+    # of 6 steps x 4 x 64 tokens, ~15 min per run on SmolLM2-135M (one core each, two
+    # processes on an idle 2-core machine; docs/RESULTS.md).
     "full": {
         "domains": ["conversational", "math", "drama", "legal", "literature", "medical", "dictionary", "code"],
         "control": "generic",
         "methods": ["gain-ffn", "lora", "gain", "lora-default"],
-        "rates": dict(_RATES, gain=[3e-3], **{"lora-default": [3e-5]}),
+        "rates": _RATES,
         "steps": 6,
         "batch_size": 4,
         "max_seq_length": 64,
@@ -193,6 +193,7 @@ def run_method(base, method, lr, stages, domains, cfg, log=print) -> dict:
     """Adapt a fresh copy of ``base`` stage by stage; perplexities after each stage."""
     attach, merge = METHODS[method]
     model = copy_model(base)
+    mx.random.seed(cfg.seed)  # LoRA's initial weights: the same in every run and process
     attach(model, cfg)
     n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     args = TrainingArgs(
@@ -285,6 +286,12 @@ def _pct(x):
     return "" if x is None else f"{100 * x:+.1f}%"
 
 
+def _by_method_and_rate(runs) -> list:
+    """Runs grouped by method (in order of first appearance), rising learning rate within."""
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in runs))}
+    return sorted(runs, key=lambda r: (order[r["method"]], r["lr"]))
+
+
 def markdown(results) -> str:
     domains, ref_names = results["domains"], [("base", "summary")]
     if results.get("control"):
@@ -310,7 +317,7 @@ def markdown(results) -> str:
                   "| method | lr | in-domain | forgetting (end) | drift from own best | unseen domains | final avg | Pareto |",
                   "|---|---|---|---|---|---|---|---|"]
         front = {id(r) for r in pareto_front(results["sweep"], key)}
-        for r in results["sweep"]:
+        for r in _by_method_and_rate(results["sweep"]):
             s = r[key]
             lines.append(f"| {r['method']} | {r['lr']:g} | {_pct(s['in_domain'])} | {_pct(s['forgetting'])} | "
                          f"{_pct(s['drift'])} | {_pct(s['unseen'])} | {_pct(s['final'])} | "
@@ -348,11 +355,12 @@ def plots(results, out: Path, log=print) -> None:
         return
     domains, heads = results["domains"], results["methods"]
     fig, axes = plt.subplots(1, len(heads), figsize=(4.2 * len(heads), 4), squeeze=False)
-    for ax, (method, head) in zip(axes[0], heads.items()):
+    for i, (ax, (method, head)) in enumerate(zip(axes[0], heads.items())):
         change = 100 * (np.array(head["ppl"]) / np.array(results["base_ppl"]) - 1)
         im = ax.imshow(change, cmap="RdBu_r", vmin=-60, vmax=60)
         ax.set_xticks(range(len(domains)), domains, rotation=60, fontsize=7)
         ax.set_yticks(range(len(domains)), domains, fontsize=7)
+        ax.tick_params(labelleft=i == 0)  # one set of row labels: the panels share them
         ax.set_title(f"{method} lr {head['lr']:g}", fontsize=9)
         ax.set_xlabel("evaluated domain", fontsize=8)
         for (i, j), v in np.ndenumerate(change):
@@ -364,7 +372,7 @@ def plots(results, out: Path, log=print) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for method in dict.fromkeys(r["method"] for r in results["sweep"]):
-        runs = sorted((r for r in results["sweep"] if r["method"] == method), key=lambda r: r["lr"])
+        runs = [r for r in _by_method_and_rate(results["sweep"]) if r["method"] == method]
         xs = [100 * r["summary"]["in_domain"] for r in runs]
         ys = [100 * r["summary"]["forgetting"] for r in runs]
         ax.plot(xs, ys, "o-", label=method)
