@@ -286,12 +286,6 @@ def _pct(x):
     return "" if x is None else f"{100 * x:+.1f}%"
 
 
-def _by_method_and_rate(runs) -> list:
-    """Runs grouped by method (in order of first appearance), rising learning rate within."""
-    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in runs))}
-    return sorted(runs, key=lambda r: (order[r["method"]], r["lr"]))
-
-
 def markdown(results) -> str:
     domains, ref_names = results["domains"], [("base", "summary")]
     if results.get("control"):
@@ -317,7 +311,7 @@ def markdown(results) -> str:
                   "| method | lr | in-domain | forgetting (end) | drift from own best | unseen domains | final avg | Pareto |",
                   "|---|---|---|---|---|---|---|---|"]
         front = {id(r) for r in pareto_front(results["sweep"], key)}
-        for r in _by_method_and_rate(results["sweep"]):
+        for r in results["sweep"]:
             s = r[key]
             lines.append(f"| {r['method']} | {r['lr']:g} | {_pct(s['in_domain'])} | {_pct(s['forgetting'])} | "
                          f"{_pct(s['drift'])} | {_pct(s['unseen'])} | {_pct(s['final'])} | "
@@ -372,7 +366,7 @@ def plots(results, out: Path, log=print) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for method in dict.fromkeys(r["method"] for r in results["sweep"]):
-        runs = [r for r in _by_method_and_rate(results["sweep"]) if r["method"] == method]
+        runs = [r for r in results["sweep"] if r["method"] == method]
         xs = [100 * r["summary"]["in_domain"] for r in runs]
         ys = [100 * r["summary"]["forgetting"] for r in runs]
         ax.plot(xs, ys, "o-", label=method)
@@ -395,7 +389,9 @@ def _write(out: Path, results) -> None:
 
 
 def finish(results, methods) -> dict:
-    """Add summaries, the headline runs (``methods``) and the matched level."""
+    """Order the runs (``methods`` first, rising rate); add summaries, headlines, matched level."""
+    rank = {m: i for i, m in enumerate(methods)}  # resumed or combined runs come in any order
+    results["sweep"].sort(key=lambda r: (rank.get(r["method"], len(rank)), r["method"], r["lr"]))
     reference = results["base_ppl"]
     for r in results["sweep"]:
         r["summary"] = summarize(r["ppl"], reference)

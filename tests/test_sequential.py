@@ -131,11 +131,13 @@ def test_pareto_front_and_matched_level():
     assert sequential.matched([a, b, c, d, e], ["x", "y"])["runs"]["y"] is e
 
 
-def test_tables_list_runs_by_method_then_rate():
+def test_runs_are_listed_by_method_then_rate():
     # a resumed or combined sweep appends runs in the order they finished, not by rate
-    runs = [{"method": m, "lr": lr} for m, lr in [("y", 3e-3), ("x", 1e-2), ("y", 1e-3), ("x", 1e-3), ("y", 1e-2)]]
-    ordered = [(r["method"], r["lr"]) for r in sequential._by_method_and_rate(runs)]
-    assert ordered == [("y", 1e-3), ("y", 3e-3), ("y", 1e-2), ("x", 1e-3), ("x", 1e-2)]
+    runs = [{"method": m, "lr": lr, "ppl": [[2.0, 3.0], [2.5, 2.0]], "control_ppl": None} for m, lr in
+            [("z", 1e-3), ("y", 3e-3), ("x", 1e-2), ("y", 1e-3), ("x", 1e-3), ("y", 1e-2)]]
+    results = sequential.finish({"base_ppl": [3.0, 3.0], "sweep": runs}, ["y", "x"])
+    assert [(r["method"], r["lr"]) for r in results["sweep"]] == [
+        ("y", 1e-3), ("y", 3e-3), ("y", 1e-2), ("x", 1e-3), ("x", 1e-2), ("z", 1e-3)]
 
 
 def test_lora_runs_do_not_depend_on_what_ran_before(tmp_path, tiny_model_dir):
