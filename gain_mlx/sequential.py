@@ -348,12 +348,12 @@ def plots(results, out: Path, log=print) -> None:
         return
     domains, heads = results["domains"], results["methods"]
     fig, axes = plt.subplots(1, len(heads), figsize=(4.2 * len(heads), 4), squeeze=False)
-    for i, (ax, (method, head)) in enumerate(zip(axes[0], heads.items())):
+    for ax, (method, head) in zip(axes[0], heads.items()):
         change = 100 * (np.array(head["ppl"]) / np.array(results["base_ppl"]) - 1)
         im = ax.imshow(change, cmap="RdBu_r", vmin=-60, vmax=60)
         ax.set_xticks(range(len(domains)), domains, rotation=60, fontsize=7)
         ax.set_yticks(range(len(domains)), domains, fontsize=7)
-        ax.tick_params(labelleft=i == 0)  # one set of row labels: the panels share them
+        ax.tick_params(labelleft=ax is axes[0][0])  # one set of row labels: the panels share them
         ax.set_title(f"{method} lr {head['lr']:g}", fontsize=9)
         ax.set_xlabel("evaluated domain", fontsize=8)
         for (i, j), v in np.ndenumerate(change):
