@@ -1,0 +1,62 @@
+"""One way for every CLI to fail: a user-error type and the wrapper that prints it.
+
+Code raises :class:`UserError` (or :class:`UsageError`) where it finds the problem, with a
+message naming the file or flag and the fix; :func:`cli` wraps each ``main`` so that the
+user sees that one line (``error: ...``) and an exit code, never a traceback.
+"""
+
+import errno
+import functools
+import sys
+
+
+class UserError(Exception):
+    """An expected failure caused by the input or the environment: exit code 1."""
+
+    exit_code = 1
+
+
+class UsageError(UserError):
+    """A wrong flag or flag value: exit code 2, as argparse uses."""
+
+    exit_code = 2
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError, naming the file and what to do."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno == errno.ENOSPC or e.errno == errno.EFBIG:
+        return f"no space left writing{where}: free disk space or write elsewhere"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied:{where}: choose a location you can write/read"
+    if e.errno == errno.ENOENT:
+        return f"not found:{where}"
+    if e.errno == errno.EISDIR:
+        return f"{where.strip()} is a folder where a file is expected"
+    if e.errno == errno.ENOTDIR:
+        return f"{where.strip()} is a file where a folder is expected"
+    return f"{e.strerror or e}{':' + where if where else ''}"
+
+
+def cli(main):
+    """Wrap a CLI ``main(argv=None)``: user errors, OS errors, memory and Ctrl-C become
+    one ``error: ...`` line on stderr and an exit code (2 usage, 1 otherwise, 130 Ctrl-C)."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(e.exit_code) from None
+        except KeyboardInterrupt:
+            print("error: interrupted (Ctrl-C); nothing half-written was left", file=sys.stderr)
+            raise SystemExit(130) from None
+        except MemoryError:
+            print("error: out of memory: try a smaller --batch-size or --max-seq-length", file=sys.stderr)
+            raise SystemExit(1) from None
+        except OSError as e:
+            print(f"error: {describe_os_error(e)}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    return wrapped
