@@ -22,18 +22,14 @@ import yaml
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from mlx_lm.lora import yaml_loader  # reads 1e-3 as a float, as mlx-lm does
-from mlx_lm.tuner.trainer import (
-    TrainingArgs,
-    default_loss,
-    evaluate,
-    grad_checkpoint,
-    iterate_batches,
-)
+from mlx_lm.tuner.trainer import TrainingArgs, default_loss, grad_checkpoint, iterate_batches
 
 from . import adapter as gain_adapter
 from . import cpu
 from .arch import ARCHITECTURES, VARIANTS
 from .files import atomic_write
+from .monitor import KEEP, Monitor, evaluate_loss, isolated, load_retain_set, read_history
+from .progress import progress, say
 
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -69,6 +65,10 @@ CONFIG_DEFAULTS = {
     "mask_prompt": False,
     "dequantize": "auto",
     "fast_blas": True,
+    "retain_data": None,
+    "retain_budget": None,
+    "stop_on_budget": False,
+    "keep": "last",
 }
 
 OPTIMIZERS = {"adam": optim.Adam, "sgd": optim.SGD}
@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a quantized base through a float32 copy dequantized once; auto (default): "
         "on when MLX runs on the CPU, where quantized matmuls are slow. The adapter is the same.",
     )
+    p.add_argument("--retain-data", help="general text evaluated next to validation to show forgetting: a .jsonl "
+                   "file or data folder (default: examples/retain, public-domain prose); none: off")
+    p.add_argument("--retain-budget", type=float, help="PCT: warn when retain perplexity worsens by more than PCT%% against the base")
+    p.add_argument("--stop-on-budget", action="store_true", default=None, help="stop training when the retain budget is exceeded")
+    p.add_argument("--keep", choices=KEEP, help="adapter written at the end: last (default) or the evaluated checkpoint "
+                   "with the best validation perplexity within the retain budget")
     cpu.add_fast_blas_argument(p)
     return p
 
@@ -141,40 +147,6 @@ def parse_args(argv=None) -> types.SimpleNamespace:
     if isinstance(args["targets"], str):
         args["targets"] = [t for t in args["targets"].split(",") if t]
     return types.SimpleNamespace(**args)
-
-
-def _isolated(batches):
-    """Run a batch generator on its own numpy RNG state, so evaluation or other users of
-    the global RNG never change the training data order (needed for exact resume)."""
-    state = None
-    while True:
-        outer = np.random.get_state()
-        if state is not None:
-            np.random.set_state(state)
-        try:
-            item = next(batches)
-        except StopIteration:
-            return
-        finally:
-            state = np.random.get_state()
-            np.random.set_state(outer)
-        yield item
-
-
-def _fixed_batches(**kwargs):
-    """The same validation batches every time."""
-    return _isolated(iterate_batches(seed=0, **kwargs))
-
-
-def evaluate_loss(model, dataset, batch_size, num_batches, max_seq_length) -> float:
-    return evaluate(
-        model=model,
-        dataset=dataset,
-        batch_size=batch_size,
-        num_batches=num_batches,
-        max_seq_length=max_seq_length,
-        iterate_batches=_fixed_batches,
-    )
 
 
 def save_checkpoint(model, optimizer, adapter_path: Path, config: dict, step: int, args) -> None:
@@ -204,10 +176,15 @@ def train_gains(
     start_step: int = 0,
     on_save=None,
     log=print,
+    monitor=None,
+    show_progress=False,
 ) -> dict:
     """Train the model's trainable parameters (its gains) from ``start_step`` to ``args.iters``.
 
     Returns the last reported metrics. ``on_save(step)`` is called at each checkpoint.
+    ``monitor`` (a :class:`Monitor`) evaluates validation and retain perplexity at step 0
+    and every ``steps_per_eval``; without one, ``valid_set`` alone is evaluated.
+    ``show_progress``: a progress bar with rate and ETA on stderr.
     """
     world = mx.distributed.init()
     rank, world_size = world.rank(), world.size()
@@ -231,14 +208,21 @@ def train_gains(
             grad = None
         return loss, ntoks, grad
 
-    def validate(it):
-        tic = time.perf_counter()
-        val_loss = evaluate_loss(model, valid_set, args.batch_size, args.val_batches, args.max_seq_length)
-        model.train()
-        log(f"Iter {it}: val loss {val_loss:.3f}, val ppl {math.exp(val_loss):.2f}, took {time.perf_counter() - tic:.1f}s")
-        return val_loss
+    if monitor is None and valid_set:
+        monitor = Monitor(valid_set, None, args.batch_size, args.val_batches, args.max_seq_length, None)
+    bar = progress(total=args.iters, desc="Training", unit="step") if show_progress else None
+    if bar is not None:
+        bar.update(start_step)
+        log = _above_bar(log, bar)
 
-    batches = _isolated(
+    def validate(it, train_loss=None):
+        tic = time.perf_counter()
+        row = monitor.evaluate(model, it, train_loss, optimizer.learning_rate.item())
+        model.train()
+        log(f"Iter {it}: {Monitor.describe(row)}, took {time.perf_counter() - tic:.1f}s")
+        return row
+
+    batches = isolated(
         iterate_batches(
             dataset=train_set,
             batch_size=args.batch_size,
@@ -252,10 +236,11 @@ def train_gains(
         next(batches)
 
     metrics = {}
-    if valid_set:
-        metrics["val_loss"] = validate(start_step)
+    if monitor is not None and monitor.active and not monitor.history:
+        say("Evaluating the base model (step 0) ...")
+        metrics.update(validate(start_step))
     model.train()
-    losses, n_tokens, steps, train_time, grad = 0.0, 0, 0, 0.0, None
+    losses, n_tokens, steps, train_time, grad, last_loss = 0.0, 0, 0, 0.0, None, None
     mx.reset_peak_memory()
     for it in range(start_step + 1, args.iters + 1):
         batch, lengths = next(batches)
@@ -263,9 +248,13 @@ def train_gains(
         loss, toks, grad = step(batch, lengths, grad, it % accum == 0)
         mx.eval(state, loss, toks, grad)
         train_time += time.perf_counter() - tic
-        losses += loss.item()
+        last_loss = loss.item()
+        losses += last_loss
         n_tokens += toks.item()
         steps += 1
+        if bar is not None:
+            bar.set_postfix_str(f"loss {last_loss:.3f}, {n_tokens / train_time:.0f} tok/s", refresh=False)
+            bar.update()
         if it % args.steps_per_report == 0 or it == args.iters:
             train_loss = mx.distributed.all_sum(mx.array(losses), stream=mx.cpu).item() / (steps * world_size)
             tokens = mx.distributed.all_sum(mx.array(n_tokens), stream=mx.cpu).item()
@@ -282,11 +271,27 @@ def train_gains(
                 f"peak mem {metrics['peak_memory_gb']:.2f} GB"
             )
             losses, n_tokens, steps, train_time = 0.0, 0, 0, 0.0
-        if valid_set and (it % args.steps_per_eval == 0 or it == args.iters):
-            metrics["val_loss"] = validate(it)
-        if on_save and grad is None and (it % args.steps_per_save == 0 or it == args.iters):
+        if monitor is not None and monitor.active and (it % args.steps_per_eval == 0 or it == args.iters):
+            metrics.update(validate(it, last_loss))
+        if on_save and grad is None and (it % args.steps_per_save == 0 or it == args.iters or (monitor and monitor.stop)):
             on_save(it)
+        if monitor is not None and monitor.stop:
+            log(f"Iter {it}: stopped: retain perplexity is over the budget")
+            break
+    if bar is not None:
+        bar.close()
+    if "val_ppl" in metrics:
+        metrics["val_loss"] = math.log(metrics["val_ppl"])
     return metrics
+
+
+def _above_bar(log, bar):
+    """A log function that prints above a tqdm bar instead of through it."""
+    if not hasattr(bar, "write"):
+        return log
+    if log is print:
+        return lambda msg="", *a, **k: bar.write(str(msg))
+    return log
 
 
 class Truncated:
@@ -363,6 +368,7 @@ def run(args) -> dict:
 
     mx.random.seed(args.seed)
     np.random.seed(args.seed)
+    say(f"Loading {args.model or 'the default model'} ...")
     model, tokenizer, model_path = load_model(args.model)
     if _wants_float_copy(model, args.dequantize):
         model = cpu.dequantize_model(model)
@@ -370,6 +376,10 @@ def run(args) -> dict:
     train_set, valid_set, test_set = _load_data(args, tokenizer)
     _check_sizes(args, train_set)
     adapter_path = Path(args.adapter_path)
+    retain = load_retain_set(args.retain_data, tokenizer, args)
+    if retain is not None:
+        retain = (retain[0], _truncate(retain[1], args.max_seq_length, "retain"))
+        print(f"Retain set (forgetting check): {retain[0]}, {len(retain[1])} sequences")
 
     start_step = 0
     if args.resume:
@@ -419,16 +429,30 @@ def run(args) -> dict:
     )
     is_main = mx.distributed.init().rank() == 0
 
+    monitor = Monitor(
+        valid_set, retain[1] if retain else None, args.batch_size, args.val_batches, args.max_seq_length,
+        adapter_path, args.retain_budget, args.stop_on_budget, args.keep,
+        history=read_history(adapter_path) if args.resume else None,
+    )
+
     def on_save(step):
         if is_main:
             save_checkpoint(model, optimizer, adapter_path, config, step, args)
+            monitor.write()
             print(f"Iter {step}: saved gains to {adapter_path / gain_adapter.GAINS_FILE}")
 
     metrics = {}
     if args.iters > start_step:
+        say(f"Training {args.iters - start_step} steps of {args.batch_size} sequences (<= {args.max_seq_length} tokens)")
         metrics = train_gains(
-            model, optimizer, train_set, valid_set, training_args, args.seed, start_step, on_save
+            model, optimizer, train_set, valid_set, training_args, args.seed, start_step, on_save,
+            monitor=monitor, show_progress=is_main,
         )
+        kept = monitor.restore_best(model)
+        if kept is not None and is_main:
+            gain_adapter.save_adapter(model, adapter_path, config)
+            monitor.write(kept_step=kept["step"])
+            print(f"Kept step {kept['step']} (--keep best): {Monitor.describe(kept)}")
     elif is_main:
         print(f"Nothing to train: the checkpoint is at step {start_step}, --iters is {args.iters}")
         if not args.resume:

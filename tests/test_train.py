@@ -17,7 +17,7 @@ FAST = ["--max-seq-length", "128", "--batch-size", "4", "--steps-per-report", "5
 
 
 def val_losses(text):
-    return [float(v) for v in re.findall(r"val loss ([0-9.]+)", text)]
+    return [float(v) for v in re.findall(r"val ppl ([0-9.]+)", text)]
 
 
 def test_training_lowers_loss_and_saves_adapter(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
