@@ -25,7 +25,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 ENV_SWITCH = "GAIN_MLX_FAST_BLAS"  # "0" turns the fast path off
 ENV_GUARD = "GAIN_MLX_FAST_BLAS_EXEC"  # set in the re-executed process
-INSTALL_HINT = "apt-get install libopenblas0-pthread (or: pip install cmeel-openblas)"
+INSTALL_HINT = "pip install mkl (no root needed; gain-mlx installs it on Linux x86-64), or apt-get install libopenblas0-pthread"
 
 # Optimized BLAS libraries exporting the standard symbols, best first. Each entry is a
 # glob; "{arch}" is the Debian multiarch triple, "{site}" the site-packages folder and
@@ -58,8 +58,8 @@ def _exports_cblas(path):
         return False
 
 
-def find_fast_blas():
-    """(name, path) of the first usable optimized BLAS on this machine, or None."""
+def blas_candidates():
+    """(name, path) of every optimized BLAS installed here, best first (loadable or not)."""
     fields = {
         "arch": sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu",
         "site": sysconfig.get_paths()["purelib"],
@@ -67,9 +67,12 @@ def find_fast_blas():
     }
     for name, pattern in CANDIDATES:
         for path in sorted(glob.glob(pattern.format(**fields))):
-            if _exports_cblas(path):
-                return name, path
-    return None
+            yield name, path
+
+
+def find_fast_blas():
+    """(name, path) of the first usable optimized BLAS on this machine, or None."""
+    return next(((n, p) for n, p in blas_candidates() if _exports_cblas(p)), None)
 
 
 def preloaded_blas():

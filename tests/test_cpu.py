@@ -165,3 +165,31 @@ def test_copy_model_shares_weights_not_structure():
     assert model.trainable_parameters()  # apply_gains froze the copy only
     w = model.model.layers[0].self_attn.o_proj.weight
     assert copy.model.layers[0].self_attn.o_proj.base.weight is w
+
+
+def _only_pip_candidates(monkeypatch, tmp_path):
+    """Point the system entries of the search at an empty folder (a machine without them)."""
+    empty = str(tmp_path / "no-system-blas" / "libblas.so.3")
+    pip_only = tuple((n, empty if "(system)" in n else p) for n, p in cpu.CANDIDATES)
+    monkeypatch.setattr(cpu, "CANDIDATES", pip_only)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64",
+                    reason="the pip BLAS (mkl) is a dependency on Linux x86-64 only")
+def test_search_finds_pip_blas_without_system_blas(monkeypatch, tmp_path):
+    _only_pip_candidates(monkeypatch, tmp_path)
+    found = cpu.find_fast_blas()
+    assert found is not None, "pip's mkl is a dependency on Linux x86-64: it must be found"
+    assert "pip" in found[0] and found[1].startswith(sys.prefix)
+
+
+def test_no_fast_blas_falls_back_with_one_clear_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cpu, "CANDIDATES", (("none", str(tmp_path / "absent.so")),))
+    monkeypatch.setattr(cpu, "stock_blas", lambda: "/stock/libblas.so")
+    monkeypatch.delenv(cpu.ENV_GUARD, raising=False)
+    monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(cpu, "preloaded_blas", lambda: None)
+    assert cpu.find_fast_blas() is None
+    cpu.ensure_fast_blas()  # returns: nothing to preload, the process goes on
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install mkl" in err[0], err
