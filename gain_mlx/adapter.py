@@ -14,6 +14,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .errors import UserError
 from .files import atomic_write
 from .arch import Target, find_targets, get_module, head_layout, input_dims
 from .layers import GAIN_LAYERS, GainLinear, GainSwitchLinear
@@ -31,7 +32,7 @@ _SIZE_KEYS = {
 }
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter that cannot be used with this model (wrong base, missing files)."""
 
 
@@ -164,20 +165,43 @@ def save_adapter(model, adapter_path, config: dict) -> Path:
     return adapter_path
 
 
+def load_gains_file(gains_file) -> dict:
+    """``mx.load`` of a gains file; a truncated or corrupt file is an ``AdapterError``."""
+    try:
+        return mx.load(str(gains_file))
+    except (RuntimeError, ValueError) as e:
+        raise AdapterError(
+            f"{gains_file} is truncated or corrupt ({e}): re-train or restore the adapter"
+        ) from None
+
+
 def read_adapter(adapter_path) -> tuple:
-    """``(config, {target path: np.ndarray gain as stored})`` without a model."""
+    """``(config, {target path: np.ndarray gain as stored})`` without a model.
+
+    Refuses a missing, truncated or corrupt file and gains that are not finite.
+    """
     adapter_path = Path(adapter_path)
+    if adapter_path.exists() and not adapter_path.is_dir():
+        raise AdapterError(f"{adapter_path} is a file: the adapter path must be a folder")
     cfg_file, gains_file = adapter_path / CONFIG_FILE, adapter_path / GAINS_FILE
     for f in (cfg_file, gains_file):
         if not f.is_file():
             raise AdapterError(f"{f} not found: is {adapter_path} a gain_mlx adapter folder?")
-    config = json.loads(cfg_file.read_text())
-    if config.get("format_version") != FORMAT_VERSION:
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{cfg_file} is not valid JSON ({e}): re-save or restore the adapter") from None
+    if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
+        version = config.get("format_version") if isinstance(config, dict) else None
+        raise AdapterError(f"{cfg_file}: format_version {version} is not {FORMAT_VERSION}")
+    raw = load_gains_file(gains_file)
+    gains = {k[: -len(".gain")]: np.array(v.astype(mx.float32)) for k, v in raw.items() if k.endswith(".gain")}
+    bad = [k for k, v in gains.items() if not np.isfinite(v).all()]
+    if bad:
         raise AdapterError(
-            f"{cfg_file}: format_version {config.get('format_version')} is not {FORMAT_VERSION}"
+            f"{gains_file}: gains of {bad[0]} (and {len(bad) - 1} more) are not finite (NaN/inf): "
+            "the training diverged; re-train with a lower --learning-rate"
         )
-    raw = mx.load(str(gains_file))
-    gains = {k[: -len(".gain")]: np.array(v) for k, v in raw.items() if k.endswith(".gain")}
     return config, gains
 
 
@@ -212,7 +236,7 @@ def load_adapter(model, adapter_path) -> dict:
     config, _ = read_adapter(adapter_path)
     check_base(model, config, source=f"adapter {adapter_path}")
     apply_gains(model, config["variant"], config["tie_kv"], config.get("custom_targets"))
-    weights = mx.load(str(Path(adapter_path) / GAINS_FILE))
+    weights = load_gains_file(Path(adapter_path) / GAINS_FILE)
     expected = dict(tree_flatten(model.trainable_parameters()))
     if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
         raise AdapterError(

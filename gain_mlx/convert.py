@@ -2,6 +2,7 @@
 
 import argparse
 
+from .errors import UserError, cli
 from .gguf.config import ARCHS
 from .gguf.convert import DTYPES, convert_gguf
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -34,8 +36,10 @@ def main(argv=None) -> None:
             q_bits=args.q_bits if args.quantize else None,
             q_group_size=args.q_group_size,
         )
-    except (ValueError, OSError) as e:  # GGUFImportError, tokenizer errors, FileExistsError
-        raise SystemExit(f"error: {e}")
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
+    except ValueError as e:  # GGUFImportError, tokenizer errors
+        raise UserError(str(e)) from None
     print(f"wrote {out}")
 
 

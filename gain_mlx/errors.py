@@ -38,6 +38,23 @@ def describe_os_error(e: OSError) -> str:
     return f"{e.strerror or e}{':' + where if where else ''}"
 
 
+class Exit(SystemExit):
+    """The exit a CLI takes after printing its error line: ``code`` is the exit status,
+    ``str()`` the line (so callers and tests can read what the user saw)."""
+
+    def __init__(self, code: int, line: str):
+        super().__init__(code)
+        self.line = line
+
+    def __str__(self):
+        return self.line
+
+
+def _fail(line: str, code: int = 1):
+    print(line, file=sys.stderr)
+    raise Exit(code, line) from None
+
+
 def cli(main):
     """Wrap a CLI ``main(argv=None)``: user errors, OS errors, memory and Ctrl-C become
     one ``error: ...`` line on stderr and an exit code (2 usage, 1 otherwise, 130 Ctrl-C)."""
@@ -47,16 +64,12 @@ def cli(main):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(e.exit_code) from None
+            _fail(f"error: {e}", e.exit_code)
         except KeyboardInterrupt:
-            print("error: interrupted (Ctrl-C); nothing half-written was left", file=sys.stderr)
-            raise SystemExit(130) from None
+            _fail("error: interrupted (Ctrl-C); nothing half-written was left", 130)
         except MemoryError:
-            print("error: out of memory: try a smaller --batch-size or --max-seq-length", file=sys.stderr)
-            raise SystemExit(1) from None
+            _fail("error: out of memory: try a smaller --batch-size or --max-seq-length")
         except OSError as e:
-            print(f"error: {describe_os_error(e)}", file=sys.stderr)
-            raise SystemExit(1) from None
+            _fail(f"error: {describe_os_error(e)}")
 
     return wrapped

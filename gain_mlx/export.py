@@ -7,6 +7,7 @@ affected blocks change (see gain_mlx.gguf.export).
 import argparse
 
 from . import cpu
+from .errors import UserError, cli
 from .gguf.export import FALLBACKS, ExportError, export_gguf
 
 
@@ -32,13 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     cpu.ensure_fast_blas(args.fast_blas)
     try:
         export_gguf(args.gguf, args.adapter_path, args.out, args.fallback, args.metadata, args.force)
-    except ExportError as e:
-        raise SystemExit(f"error: {e}") from None
+    except (ExportError, ValueError) as e:  # AdapterError, a corrupt GGUF
+        raise UserError(str(e)) from None
     print(f"wrote {args.out}")
 
 

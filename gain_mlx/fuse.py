@@ -29,14 +29,15 @@ from mlx.utils import tree_unflatten
 from . import cpu
 from .adapter import (
     GAINS_FILE,
-    AdapterError,
     apply_gains,
     gain_parameters,
     load_adapter,
+    load_gains_file,
     read_adapter,
     targets_from_config,
 )
 from .arch import get_module, head_layout
+from .errors import UserError, cli
 from .fold import invert, is_power_of_two, plan_folds
 
 PLAN_FILE = "fold_plan.json"
@@ -246,7 +247,7 @@ def _apply_adapter(model, adapter_path: Path, config: dict, de_fold: bool, histo
             "--de-fold only a model fused with this adapter"
         )
     apply_gains(model, config["variant"], config["tie_kv"], config.get("custom_targets"))
-    model.load_weights(list(mx.load(str(adapter_path / GAINS_FILE)).items()), strict=False)
+    model.load_weights(list(load_gains_file(adapter_path / GAINS_FILE).items()), strict=False)
 
 
 def _check_output(save_path: Path, force: bool, *inputs):
@@ -395,6 +396,7 @@ def _float_dtype(model):
     return mx.bfloat16
 
 
+@cli
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("--model", help="base model: MLX folder, HF repo or .gguf (default: SmolLM2)")
@@ -423,8 +425,8 @@ def main(argv=None):
             fp32_scales=args.fp32_scales,
             force=args.force,
         )
-    except (AdapterError, FuseError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    except ValueError as e:  # AdapterError, FuseError, bad config values
+        raise UserError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from .adapter import apply_gains
 from .arch import find_targets, get_module
 from .cpu import add_fast_blas_argument, copy_model, dequantize_model, ensure_fast_blas
+from .errors import UserError, cli
 from .files import atomic_write
 from .layers import GainLinear
 from .train import evaluate_loss, train_gains
@@ -523,13 +524,14 @@ def parse_args(argv=None):
     return args
 
 
+@cli
 def main(argv=None):
     args = parse_args(argv)
     ensure_fast_blas(args.fast_blas)
     try:
         run(args)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from mlx_lm.tuner.trainer import TrainingArgs, default_loss, grad_checkpoint, it
 from . import adapter as gain_adapter
 from . import cpu
 from .arch import ARCHITECTURES, VARIANTS
+from .errors import UsageError, UserError, cli
 from .files import atomic_write
 from .monitor import KEEP, Monitor, evaluate_loss, isolated, load_retain_set, read_history
 from .progress import progress, say
@@ -134,10 +135,10 @@ def parse_args(argv=None) -> types.SimpleNamespace:
         try:
             config = yaml.load(Path(config_file).read_text(), yaml_loader) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise SystemExit(f"error: cannot read config {config_file}: {e}")
+            raise UserError(f"cannot read config {config_file}: {e}")
         unknown = set(config) - set(CONFIG_DEFAULTS)
         if unknown:
-            raise SystemExit(f"error: unknown option(s) in {config_file}: {', '.join(sorted(unknown))}")
+            raise UserError(f"unknown option(s) in {config_file}: {', '.join(sorted(unknown))}")
         for k, v in config.items():
             if args.get(k) is None:
                 args[k] = v
@@ -164,6 +165,18 @@ def restore_optimizer(optimizer, model, adapter_path: Path) -> None:
     optimizer.init(model.trainable_parameters())
     saved = mx.load(str(adapter_path / OPTIMIZER_FILE))
     optimizer.state = tree_map_with_path(lambda path, x: saved.get(path, x), optimizer.state)
+
+
+def check_finite(step: int, loss, model) -> None:
+    """Stop on a non-finite loss or gain (after ``mx.eval``), before anything is saved."""
+    finite = math.isfinite(loss.item()) and all(
+        bool(mx.isfinite(v).all()) for _, v in tree_flatten(model.trainable_parameters())
+    )
+    if not finite:
+        raise UserError(
+            f"step {step}: the loss or gains became non-finite (NaN/inf); the last checkpoint on "
+            "disk is the last good one: try a lower --learning-rate, or --resume from it"
+        )
 
 
 def train_gains(
@@ -247,6 +260,7 @@ def train_gains(
         tic = time.perf_counter()
         loss, toks, grad = step(batch, lengths, grad, it % accum == 0)
         mx.eval(state, loss, toks, grad)
+        check_finite(it, loss, model)
         train_time += time.perf_counter() - tic
         last_loss = loss.item()
         losses += last_loss
@@ -336,11 +350,13 @@ def _load_data(args, tokenizer):
     if args.data is None:
         print(f"No --data given: using the example dataset in {data}")
     if not (data / "train.jsonl").is_file():
-        raise SystemExit(f"error: {data}/train.jsonl not found: --data needs a folder with train.jsonl and valid.jsonl")
+        raise UserError(f"{data}/train.jsonl not found: --data needs a folder with train.jsonl (and valid.jsonl)")
+    if not (data / "valid.jsonl").is_file():
+        print(f"Note: no {data}/valid.jsonl: training without validation (add one to see validation loss)")
     try:
         sets = load_local_dataset(data, tokenizer, args)
-    except (ValueError, KeyError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: cannot read the data in {data}: {e}")
+    except (ValueError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the data in {data}: {e}") from None
     return [
         _truncate(CacheDataset(s), args.max_seq_length, name) if len(s) else s
         for s, name in zip(sets, ("train", "valid", "test"))
@@ -350,10 +366,12 @@ def _load_data(args, tokenizer):
 def _check_sizes(args, train_set):
     for name in ("iters", "batch_size", "steps_per_report", "steps_per_eval", "save_every", "grad_accumulation_steps"):
         if getattr(args, name) < (0 if name == "iters" else 1):
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
+        raise UsageError(f"--learning-rate {args.learning_rate} must be a positive finite number")
     if args.iters and len(train_set) < args.batch_size:
-        raise SystemExit(
-            f"error: train.jsonl has {len(train_set)} examples, fewer than --batch-size {args.batch_size}"
+        raise UserError(
+            f"train.jsonl has {len(train_set)} examples, fewer than --batch-size {args.batch_size}"
         )
 
 
@@ -385,11 +403,11 @@ def run(args) -> dict:
     if args.resume:
         state_file = adapter_path / STATE_FILE
         if not state_file.is_file():
-            raise SystemExit(f"error: --resume: no checkpoint in {adapter_path} ({STATE_FILE} missing)")
+            raise UserError(f"--resume: no checkpoint in {adapter_path} ({STATE_FILE} missing)")
         saved = json.loads(state_file.read_text())
         if (saved["seed"], saved["batch_size"]) != (args.seed, args.batch_size):
-            raise SystemExit(
-                f"error: --resume: the checkpoint used --seed {saved['seed']} --batch-size "
+            raise UsageError(
+                f"--resume: the checkpoint used --seed {saved['seed']} --batch-size "
                 f"{saved['batch_size']}; pass the same values to continue it"
             )
         config = gain_adapter.load_adapter(model, adapter_path)
@@ -459,20 +477,21 @@ def run(args) -> dict:
             gain_adapter.save_adapter(model, adapter_path, config)
     if args.test:
         if not len(test_set):
-            raise SystemExit("error: --test: test.jsonl is missing or empty in the data folder")
+            raise UserError("--test: test.jsonl is missing or empty in the data folder")
         test_loss = evaluate_loss(model, test_set, args.batch_size, args.test_batches, args.max_seq_length)
         metrics["test_loss"] = test_loss
         print(f"Test loss {test_loss:.3f}, test ppl {math.exp(test_loss):.2f}")
     return metrics
 
 
+@cli
 def main(argv=None):
     args = parse_args(argv)
     cpu.ensure_fast_blas(args.fast_blas)
     try:
         run(args)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def test_de_fold_round_trip(base, adapter, tmp_path, tokenizer_dir):
 def _one_line_error(args, match):
     with pytest.raises(SystemExit) as e:
         run_fuse(*args)
-    message = str(e.value.code)
+    message = str(e.value)
     assert message.startswith("error: ") and "\n" not in message and match in message, message
 
 

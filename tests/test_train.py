@@ -11,6 +11,7 @@ from mlx_lm import load
 from mlx_lm.tuner.trainer import TrainingArgs
 
 from gain_mlx import adapter as A
+from gain_mlx.errors import UserError
 from gain_mlx.train import _load_data, main, parse_args, train_gains
 
 FAST = ["--max-seq-length", "128", "--batch-size", "4", "--steps-per-report", "5"]
@@ -74,7 +75,7 @@ def test_yaml_config_and_flag_precedence(tmp_path):
     assert (args.iters, args.learning_rate, args.variant) == (9, 3e-3, "gain")
     assert args.lr_schedule["name"] == "cosine_decay"
     cfg.write_text("iterations: 7\n")
-    with pytest.raises(SystemExit, match="unknown option.*iterations"):
+    with pytest.raises(UserError, match="unknown option.*iterations"):
         parse_args(["-c", str(cfg)])
 
 
