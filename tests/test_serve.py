@@ -104,3 +104,22 @@ def test_greedy_mixed_batch_equals_fused_generate(tmp_path, tiny_model_dir):
         ref = [r.token for r in stream_generate(ref_model, tok, prompt, max_tokens=12)]
         assert tokens == ref, name
     assert len({tuple(t) for t in got}) == 3  # each adapter changes the output
+
+
+def test_generate_cli_equals_fused(tmp_path, tiny_model_dir, capsys):
+    from mlx_lm import generate, load
+
+    from gain_mlx import generate as G
+    from gain_mlx.fuse import fuse_model
+
+    path = make_adapter(tmp_path / "a", lambda: load(str(tiny_model_dir))[0], "gain-ffn", 5, tie_kv=True)
+    G.main(["--model", str(tiny_model_dir), "--adapter-path", str(path), "-p", "The court", "-m", "10", "--no-fast-blas"])
+    got = capsys.readouterr().out
+    ref_model, tok = load(str(tiny_model_dir))
+    load_adapter(ref_model, path)
+    fuse_model(ref_model, targets_from_config(read_adapter(path)[0]))
+    assert got == generate(ref_model, tok, "The court", max_tokens=10) + "\n"
+    with pytest.raises(SystemExit) as e:
+        G.main(["--model", str(tiny_model_dir), "--adapter-path", str(tmp_path / "none"), "-p", "x", "--no-fast-blas"])
+    assert e.value.code == 1
+    assert "not found" in capsys.readouterr().err
