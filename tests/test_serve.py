@@ -123,3 +123,23 @@ def test_generate_cli_equals_fused(tmp_path, tiny_model_dir, capsys):
         G.main(["--model", str(tiny_model_dir), "--adapter-path", str(tmp_path / "none"), "-p", "x", "--no-fast-blas"])
     assert e.value.code == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_chat_cli(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import json
+    import shutil
+
+    from gain_mlx import chat
+
+    with pytest.raises(SystemExit):
+        chat.main(["--model", str(tiny_model_dir), "--no-fast-blas"])
+    assert "no chat template" in capsys.readouterr().err
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    lines = iter(["hello", "r", "again", "q"])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    chat.main(["--model", str(model_dir), "-m", "5", "--no-fast-blas"])
+    out = capsys.readouterr().out
+    assert out.count("\n") == 3  # the help line and two replies
