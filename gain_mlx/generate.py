@@ -9,6 +9,7 @@ import argparse
 from . import cpu
 from .adapter import AdapterError, load_adapter
 from .errors import UserError, UsageError, cli
+from .hub import resolve_adapter
 from .loading import load_model
 
 
@@ -27,7 +28,7 @@ def load(model_spec, adapter_path):
     model, tokenizer, _ = load_model(model_spec, verbose=False)
     if adapter_path:
         try:
-            load_adapter(model, adapter_path)
+            load_adapter(model, resolve_adapter(adapter_path))
         except (AdapterError, ValueError) as e:
             raise UserError(str(e)) from None
     return model, tokenizer
@@ -36,7 +37,7 @@ def load(model_spec, adapter_path):
 def make_parser():
     p = argparse.ArgumentParser(prog="python -m gain_mlx.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="base model (folder, repo or .gguf; default: packaged SmolLM2)")
-    p.add_argument("--adapter-path", help="gain adapter folder")
+    p.add_argument("--adapter-path", help="gain adapter folder or Hugging Face Hub repo id")
     p.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads stdin)")
     p.add_argument("--max-tokens", "-m", type=int, default=100)
     p.add_argument("--temp", type=float, default=0.0)
