@@ -25,7 +25,10 @@ def build_prompt(tokenizer, prompt: str, system_prompt=None, ignore_chat_templat
 
 def load(model_spec, adapter_path):
     """``(model, tokenizer)`` with ``adapter_path``'s gains applied (if given)."""
-    model, tokenizer, _ = load_model(model_spec, verbose=False)
+    try:
+        model, tokenizer, _ = load_model(model_spec, verbose=False)
+    except ValueError as e:  # e.g. huggingface_hub's repo id validation
+        raise UserError(f"--model {model_spec}: not a model folder, .gguf file or Hub repo id ({e})") from None
     if adapter_path:
         try:
             load_adapter(model, resolve_adapter(adapter_path))
