@@ -356,6 +356,8 @@ def _load_data(args, tokenizer):
         print(f"No --data given: using the example dataset in {data}")
     if not (data / "train.jsonl").is_file():
         raise UserError(f"{data}/train.jsonl not found: --data needs a folder with train.jsonl (and valid.jsonl)")
+    if not (data / "train.jsonl").read_text().strip():
+        raise UserError(f"{data}/train.jsonl is empty: add training examples, one JSON object a line")
     if not (data / "valid.jsonl").is_file():
         print(f"Note: no {data}/valid.jsonl: training without validation (add one to see validation loss)")
     try:

@@ -14,6 +14,10 @@ from typing import Optional
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
+from ..errors import UserError
+
+MAX_DIMS = 8
+
 _SCALARS = {
     GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
     GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
@@ -41,12 +45,23 @@ class Tensor:
     data: np.ndarray  # raw bytes, a view of the memmap
 
 
+class GGUFHeaderError(UserError, ValueError):
+    """A GGUF file that cannot be parsed: truncated, corrupt or not a GGUF."""
+
+
 class GGUFFile:
     """``fields`` (name -> Field), ``tensors`` (file order of the tensor table),
     ``alignment``, ``tensor_info_offset``, ``data_start`` and ``data`` (the memmap)."""
 
     def __init__(self, path, mode: str = "r"):
-        self.data = np.memmap(path, mode=mode, dtype=np.uint8)
+        try:
+            self.data = np.memmap(path, mode=mode, dtype=np.uint8)
+            self._parse()
+        except (struct.error, ValueError, UnicodeDecodeError, KeyError, OverflowError) as e:
+            raise GGUFHeaderError(f"{path} is not a valid GGUF file, truncated or corrupt ({e}): "
+                                  "re-download or re-create it") from None
+
+    def _parse(self):
         self._buf = memoryview(self.data)
         self._off = 0
         magic, version = self._read("<II")
@@ -66,6 +81,8 @@ class GGUFFile:
         for _ in range(n_tensors):
             name = self._str()
             (n_dims,) = self._read("<I")
+            if n_dims > MAX_DIMS:
+                raise ValueError(f"tensor {name} has {n_dims} dimensions")
             dims = self._read(f"<{n_dims}Q")
             qtype, rel = self._read("<IQ")
             infos.append((name, tuple(dims), GGMLQuantizationType(qtype), rel))
@@ -76,6 +93,8 @@ class GGUFFile:
             n = int(np.prod(dims))
             block, size = GGML_QUANT_SIZES[qtype]
             start = self.data_start + rel
+            if start + n // block * size > len(self.data):
+                raise ValueError(f"tensor {name} ends past the end of the file")
             self.tensors.append(Tensor(name, qtype, dims, n, n // block * size, start,
                                        self.data[start:start + n // block * size]))
         self.by_name = {t.name: t for t in self.tensors}
