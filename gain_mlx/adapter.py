@@ -15,7 +15,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write, save_safetensors
 from .arch import Target, find_targets, get_module, head_layout, input_dims
 from .layers import GAIN_LAYERS, GainLinear, GainSwitchLinear
 
@@ -152,7 +152,7 @@ def adapter_config(model, targets: list, variant: str, tie_kv: bool, **extra) ->
 
 def save_gains(model, path) -> None:
     weights = dict(tree_flatten(model.trainable_parameters()))
-    atomic_write(Path(path), lambda tmp: mx.save_safetensors(str(tmp), weights))
+    atomic_write(Path(path), lambda tmp: save_safetensors(tmp, weights))
 
 
 def save_adapter(model, adapter_path, config: dict) -> Path:

@@ -3,6 +3,18 @@
 import os
 from pathlib import Path
 
+from .errors import UserError
+
+
+def save_safetensors(path, arrays: dict, metadata=None) -> None:
+    """``mx.save_safetensors``, with a failed write (a full disk) as one user error."""
+    import mlx.core as mx
+
+    try:
+        mx.save_safetensors(str(path), arrays, metadata=metadata)
+    except RuntimeError as e:
+        raise UserError(f"cannot write {path} ({e}): is the disk full? free space or write elsewhere") from None
+
 
 def atomic_write(path, write) -> None:
     """Call ``write(tmp_path)`` then move the result onto ``path`` in one step.

@@ -3,7 +3,8 @@ inputs unchanged and no output; fuzzed GGUF headers and adapters are a clean err
 correct read, never a crash."""
 
 import hashlib
-import json
+import resource
+import signal
 import shutil
 import subprocess
 import sys
@@ -29,10 +30,10 @@ def digest(path: Path) -> str:
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
-def run_cli(module, *args, cwd=None):
+def run_cli(module, *args, cwd=None, preexec_fn=None):
     """Run ``python -m module args``; return (exit code, stderr)."""
     r = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                       cwd=cwd or ROOT, env={"OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+                       cwd=cwd or ROOT, preexec_fn=preexec_fn, env={"OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
     return r.returncode, r.stderr
 
 
@@ -232,3 +233,46 @@ def test_fuzz_read_adapter(adapter_dir, tmp_path):
                 outcomes["ok"] += 1
         (bad / name).write_bytes(original)
     assert outcomes["error"] > 100, outcomes
+
+
+def _small_disk():
+    """A 64 KiB file-size limit (writes past it fail with EFBIG, as a full disk would)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_convert_disk_full_leaves_nothing(gguf_file, tmp_path):
+    before = digest(gguf_file)
+    code, err = run_cli("gain_mlx.convert", "--gguf", gguf_file, "--out", tmp_path / "conv", preexec_fn=_small_disk)
+    assert_one_line(code, err, "disk full")
+    assert digest(gguf_file) == before
+    assert [p.name for p in tmp_path.iterdir()] == []  # no output, no temporary folder
+
+
+CLI_FAULTS = [  # (module, arguments with {gguf}, {adapter}, {model}, {tmp}; exit code; what the line says)
+    ("gain_mlx.convert", ["--gguf", "{tmp}/none.gguf", "--out", "{tmp}/o"], 1, "not found"),
+    ("gain_mlx.convert", ["--gguf", "{tmp}", "--out", "{tmp}/o"], 1, ""),
+    ("gain_mlx.convert", ["--out", "{tmp}/o"], 2, "--gguf"),
+    ("gain_mlx.export", ["--gguf", "{tmp}/none.gguf", "--adapter-path", "{adapter}", "--out", "{tmp}/o.gguf"], 1, "not found"),
+    ("gain_mlx.export", ["--gguf", "{gguf}", "--adapter-path", "{adapter}", "--out", "{gguf}"], 1, "input"),
+    ("gain_mlx.export", ["--gguf", "{gguf}", "--adapter-path", "{tmp}/none", "--out", "{tmp}/o.gguf"], 1, "not found"),
+    ("gain_mlx.export", ["--gguf", "{gguf}", "--adapter-path", "{adapter}", "--out", "{tmp}/no/o.gguf"], 1, "does not exist"),
+    ("gain_mlx.export", ["--gguf", "{gguf}", "--adapter-path", "{adapter}", "--out", "{tmp}/o.gguf", "--fallback", "x"], 2, "--fallback"),
+    ("gain_mlx.fuse", ["--model", "{tmp}/none", "--adapter-path", "{adapter}", "--save-path", "{tmp}/o"], 1, ""),
+    ("gain_mlx.fuse", ["--model", "{model}", "--adapter-path", "{tmp}/none", "--save-path", "{tmp}/o"], 1, "not found"),
+    ("gain_mlx.fuse", ["--model", "{model}", "--adapter-path", "{adapter}/gain_config.json", "--save-path", "{tmp}/o"], 1, "is a file"),
+]
+
+
+@pytest.mark.parametrize("module, args, want_code, match", CLI_FAULTS, ids=lambda x: str(x)[:40])
+def test_cli_bad_input(gguf_file, adapter_dir, tiny_model_dir, tmp_path, module, args, want_code, match):
+    names = dict(gguf=gguf_file, adapter=adapter_dir, model=tiny_model_dir, tmp=tmp_path)
+    before = digest(gguf_file), digest(adapter_dir)
+    code, err = run_cli(module, *[a.format(**names) for a in args])
+    assert "Traceback" not in err, err
+    assert code == want_code, (code, err)
+    assert match in err.strip().splitlines()[-1], err
+    if want_code == 1:
+        assert err.strip().splitlines()[-1].startswith("error: "), err
+    assert (digest(gguf_file), digest(adapter_dir)) == before
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.gguf").exists()

@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Tuple
 import mlx.core as mx
 from gguf import GGUFReader
 
+from ..files import save_safetensors
 from ..progress import progress
 from . import GGUFImportError
 from .config import arch_spec, gguf_config
@@ -65,7 +66,7 @@ def _write_shards(out_dir: Path, arrays) -> None:
 
     def flush():
         path = out_dir / f"shard-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(path), shard, metadata={"format": "mlx"})
+        save_safetensors(path, shard, metadata={"format": "mlx"})
         shards.append((path, list(shard)))
 
     for name, a in arrays:
