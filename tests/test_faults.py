@@ -276,3 +276,15 @@ def test_cli_bad_input(gguf_file, adapter_dir, tiny_model_dir, tmp_path, module,
         assert err.strip().splitlines()[-1].startswith("error: "), err
     assert (digest(gguf_file), digest(adapter_dir)) == before
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.gguf").exists()
+
+
+def test_atomic_write_removes_stale_temporaries(tmp_path):
+    from gain_mlx.files import atomic_write
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".tmp-{dead.stdout.strip()}-x.json"
+    stale.write_text("half")
+    live = tmp_path / ".tmp-1-x.json"  # pid 1 is alive: its write may be in progress
+    live.write_text("in progress")
+    atomic_write(tmp_path / "x.json", lambda tmp: tmp.write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "x.json"])
