@@ -1,5 +1,7 @@
 """GGUF support: import (weights, config, tokenizer) and in-place export."""
 
+from ..errors import UserError
 
-class GGUFImportError(ValueError):
+
+class GGUFImportError(UserError, ValueError):
     """A GGUF file that cannot be imported (unsupported architecture, type or layout)."""
