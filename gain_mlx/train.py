@@ -46,7 +46,7 @@ CONFIG_DEFAULTS = {
     "model": None,
     "data": None,
     "variant": "gain-ffn",
-    "tie_kv": False,
+    "tie_kv": "auto",
     "targets": None,
     "adapter_path": "adapters",
     "iters": 30,
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "completions or chat format (default: examples/data)",
     )
     p.add_argument("--variant", choices=VARIANTS, help="gain: attention output only; gain-ffn: plus FFN down (default)")
-    p.add_argument("--tie-kv", action="store_true", default=None, help="tie attention gains across query heads sharing a KV head (exact folding for GQA models)")
+    p.add_argument("--tie-kv", nargs="?", const="on", choices=("auto", "on", "off"), help="tie attention gains across query heads sharing a KV head, which an exact fold into a quantized GQA base needs; auto (default): on for a GQA base from a GGUF or quantized folder, off otherwise")
     p.add_argument("--targets", help="comma-separated module paths to gain, for architectures outside the table")
     p.add_argument("--adapter-path", help="folder for gains.safetensors and gain_config.json (default: adapters)")
     p.add_argument("--iters", type=int, help="training steps")
@@ -404,6 +404,24 @@ def run(args) -> dict:
     _check_sizes(args, train_set)
     adapter_path = Path(args.adapter_path)
     retain = load_retain_set(args.retain_data, tokenizer, args)
+def resolve_tie_kv(mode, model, quantized: bool) -> tuple:
+    """(tie, why) for --tie-kv auto/on/off (True/False accepted from old configs)."""
+    if mode in (True, "on"):
+        return True, "--tie-kv on"
+    if mode in (False, None, "off"):
+        return False, "--tie-kv off"
+    from .arch import head_layout
+    try:
+        layout = head_layout(model)
+    except (StopIteration, AttributeError, ValueError):
+        return False, "auto: head layout unknown"
+    if layout.n_kv_heads == layout.n_heads:
+        return False, "auto: not grouped-query attention"
+    if not quantized:
+        return False, "auto: float base, gains fold exactly without tying"
+    return True, "auto: quantized GQA base, an exact fold into V rows needs it"
+
+
     if retain is not None:
         retain = (retain[0], _truncate(retain[1], args.max_seq_length, "retain"))
         print(f"Retain set (forgetting check): {retain[0]}, {len(retain[1])} sequences")
@@ -412,6 +430,9 @@ def run(args) -> dict:
     if args.resume:
         state_file = adapter_path / STATE_FILE
         if not state_file.is_file():
+    quantized_base = args.model is None or str(args.model).endswith(".gguf") or any(
+        hasattr(m, "scales") for _, m in model.named_modules()
+    )
             raise UserError(f"--resume: no checkpoint in {adapter_path} ({STATE_FILE} missing)")
         saved = json.loads(state_file.read_text())
         if (saved["seed"], saved["batch_size"]) != (args.seed, args.batch_size):
@@ -438,6 +459,8 @@ def run(args) -> dict:
     if args.lr_schedule:
         from mlx_lm.tuner.utils import build_schedule
 
+        args.tie_kv, why = resolve_tie_kv(args.tie_kv, model, quantized_base)
+        print(f"KV-tied attention gains: {'on' if args.tie_kv else 'off'} ({why})")
         lr = build_schedule(args.lr_schedule)
     optimizer = OPTIMIZERS[args.optimizer](learning_rate=lr)
     if args.resume:
