@@ -348,6 +348,19 @@ def _truncate(dataset, max_len: int, name: str):
     return wrapped
 
 
+def _check_jsonl(path: Path) -> None:
+    """Name the first line of ``path`` that is not a JSON object."""
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                if line.strip() and not isinstance(json.loads(line), dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                raise UserError(f"{path} line {i} is not a valid JSON object ({e}): fix or remove that line") from None
+
+
 def _load_data(args, tokenizer):
     from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
 
@@ -358,6 +371,8 @@ def _load_data(args, tokenizer):
         raise UserError(f"{data}/train.jsonl not found: --data needs a folder with train.jsonl (and valid.jsonl)")
     if not (data / "train.jsonl").read_text().strip():
         raise UserError(f"{data}/train.jsonl is empty: add training examples, one JSON object a line")
+    for name in ("train", "valid", "test"):
+        _check_jsonl(data / f"{name}.jsonl")
     if not (data / "valid.jsonl").is_file():
         print(f"Note: no {data}/valid.jsonl: training without validation (add one to see validation loss)")
     try:
@@ -389,21 +404,6 @@ def _wants_float_copy(model, mode: str) -> bool:
     return quantized and (mode == "on" or (mode == "auto" and mx.default_device() == mx.cpu))
 
 
-def run(args) -> dict:
-    """Load, apply gains (or resume), train, save, optionally test. Returns final metrics."""
-    from .loading import load_model
-
-    mx.random.seed(args.seed)
-    np.random.seed(args.seed)
-    say(f"Loading {args.model or 'the default model'} ...")
-    model, tokenizer, model_path = load_model(args.model)
-    if _wants_float_copy(model, args.dequantize):
-        model = cpu.dequantize_model(model)
-        print("Training on a float32 copy of the quantized base (--dequantize off to keep quantized matmuls)")
-    train_set, valid_set, test_set = _load_data(args, tokenizer)
-    _check_sizes(args, train_set)
-    adapter_path = Path(args.adapter_path)
-    retain = load_retain_set(args.retain_data, tokenizer, args)
 def resolve_tie_kv(mode, model, quantized: bool) -> tuple:
     """(tie, why) for --tie-kv auto/on/off (True/False accepted from old configs)."""
     if mode in (True, "on"):
@@ -422,6 +422,24 @@ def resolve_tie_kv(mode, model, quantized: bool) -> tuple:
     return True, "auto: quantized GQA base, an exact fold into V rows needs it"
 
 
+def run(args) -> dict:
+    """Load, apply gains (or resume), train, save, optionally test. Returns final metrics."""
+    from .loading import load_model
+
+    mx.random.seed(args.seed)
+    np.random.seed(args.seed)
+    say(f"Loading {args.model or 'the default model'} ...")
+    model, tokenizer, model_path = load_model(args.model)
+    quantized_base = args.model is None or str(args.model).endswith(".gguf") or any(
+        hasattr(m, "scales") for _, m in model.named_modules()
+    )
+    if _wants_float_copy(model, args.dequantize):
+        model = cpu.dequantize_model(model)
+        print("Training on a float32 copy of the quantized base (--dequantize off to keep quantized matmuls)")
+    train_set, valid_set, test_set = _load_data(args, tokenizer)
+    _check_sizes(args, train_set)
+    adapter_path = Path(args.adapter_path)
+    retain = load_retain_set(args.retain_data, tokenizer, args)
     if retain is not None:
         retain = (retain[0], _truncate(retain[1], args.max_seq_length, "retain"))
         print(f"Retain set (forgetting check): {retain[0]}, {len(retain[1])} sequences")
@@ -430,9 +448,6 @@ def resolve_tie_kv(mode, model, quantized: bool) -> tuple:
     if args.resume:
         state_file = adapter_path / STATE_FILE
         if not state_file.is_file():
-    quantized_base = args.model is None or str(args.model).endswith(".gguf") or any(
-        hasattr(m, "scales") for _, m in model.named_modules()
-    )
             raise UserError(f"--resume: no checkpoint in {adapter_path} ({STATE_FILE} missing)")
         saved = json.loads(state_file.read_text())
         if (saved["seed"], saved["batch_size"]) != (args.seed, args.batch_size):
@@ -444,6 +459,8 @@ def resolve_tie_kv(mode, model, quantized: bool) -> tuple:
         start_step = saved["step"]
         print(f"Resuming from step {start_step} in {adapter_path}")
     else:
+        args.tie_kv, why = resolve_tie_kv(args.tie_kv, model, quantized_base)
+        print(f"KV-tied attention gains: {'on' if args.tie_kv else 'off'} ({why})")
         targets = gain_adapter.apply_gains(model, args.variant, args.tie_kv, args.targets)
         config = gain_adapter.adapter_config(
             model, targets, args.variant, args.tie_kv, base_model=str(args.model or model_path)
@@ -459,8 +476,6 @@ def resolve_tie_kv(mode, model, quantized: bool) -> tuple:
     if args.lr_schedule:
         from mlx_lm.tuner.utils import build_schedule
 
-        args.tie_kv, why = resolve_tie_kv(args.tie_kv, model, quantized_base)
-        print(f"KV-tied attention gains: {'on' if args.tie_kv else 'off'} ({why})")
         lr = build_schedule(args.lr_schedule)
     optimizer = OPTIMIZERS[args.optimizer](learning_rate=lr)
     if args.resume:

@@ -134,7 +134,7 @@ def test_truncated_gguf_is_one_line(gguf_file, adapter_dir, tmp_path, cut):
 
 TRAIN_FAULTS = [  # (what is done to a copy of the data, extra flags, exit code, what the line says)
     ("empty-train", [], 1, "train.jsonl is empty"),
-    ("broken-line", [], 1, "cannot read the data"),
+    ("broken-line", [], 1, "train.jsonl line 49 is not a valid JSON object"),
     ("none", ["--learning-rate", "nan"], 2, "--learning-rate"),
     ("none", ["--batch-size", "0"], 2, "--batch-size must be positive"),
     ("none", ["--iters", "-1"], 2, "--iters must be positive"),
