@@ -102,6 +102,17 @@ ARCHS = {
     "gemma3": ArchSpec("gemma3_text", norm_shift=1.0, extra=_gemma3),
 }
 
+# mlx-lm model_type -> GGUF general.architecture, where the names differ.
+GGUF_ARCH = {
+    "mistral": "llama",
+    "mixtral": "llama",
+    "gemma3_text": "gemma3",
+    "phi": "phi2",
+    "gpt_neox": "gptneox",
+    "qwen3_moe": "qwen3moe",
+    "cohere": "command-r",
+}
+
 
 def arch_spec(reader: GGUFReader) -> ArchSpec:
     arch = Metadata(reader).arch

@@ -39,20 +39,11 @@ from ..adapter import (
 from ..arch import HeadLayout
 from ..fold import FoldStep, plan_folds
 from . import quants as Q
+from .config import GGUF_ARCH
 from .header import GGUFFile
 
 FALLBACKS = ("requant", "f16", "q8_0", "refuse")
 CONVERT_TYPES = {"f16": T.F16, "q8_0": T.Q8_0}
-# mlx-lm model_type -> GGUF general.architecture, where the names differ.
-GGUF_ARCH = {
-    "mistral": "llama",
-    "mixtral": "llama",
-    "gemma3_text": "gemma3",
-    "phi": "phi2",
-    "gpt_neox": "gptneox",
-    "qwen3_moe": "qwen3moe",
-    "cohere": "command-r",
-}
 # adapter size key -> GGUF "<arch>.<key>"
 SIZE_KEYS = {
     "num_layers": "block_count",
