@@ -35,7 +35,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from .adapter import apply_gains
 from .arch import find_targets, get_module
 from .cpu import add_fast_blas_argument, copy_model, dequantize_model, ensure_fast_blas
-from .errors import UserError, cli
+from .errors import UsageError, UserError, cli
 from .files import atomic_write
 from .layers import GainLinear
 from .train import evaluate_loss, train_gains
@@ -506,21 +506,21 @@ def parse_args(argv=None):
     args.domains = args.domains.split(",") if args.domains else list(preset["domains"])
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"error: unknown method(s) {unknown}: choose from {','.join(METHODS)}")
+        raise UsageError(f"unknown method(s) {unknown}: choose from {','.join(METHODS)}")
     args.rates = {m: list(preset["rates"][m]) for m in METHODS}
     for item in args.lr or []:
         method, _, values = item.partition("=")
         if method not in METHODS or not values:
-            raise SystemExit(f"error: --lr {item}: expected METHOD=R1,R2 with METHOD in {','.join(METHODS)}")
+            raise UsageError(f"--lr {item}: expected METHOD=R1,R2 with METHOD in {','.join(METHODS)}")
         try:
             args.rates[method] = [float(v) for v in values.split(",")]
         except ValueError:
-            raise SystemExit(f"error: --lr {item}: rates must be numbers")
+            raise UsageError(f"--lr {item}: rates must be numbers")
     for key in ("steps", "batch_size", "max_seq_length", "val_examples"):
         if getattr(args, key) < 1:
-            raise SystemExit(f"error: --{key.replace('_', '-')} must be positive")
+            raise UsageError(f"--{key.replace('_', '-')} must be positive")
     if args.val_examples % EVAL_BATCH:
-        raise SystemExit(f"error: --val-examples must be a multiple of {EVAL_BATCH}")
+        raise UsageError(f"--val-examples must be a multiple of {EVAL_BATCH}")
     return args
 
 

@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -10,6 +12,7 @@ from mlx_lm import load
 
 from conftest import EXAMPLE_DATA
 from gain_mlx import sequential
+from gain_mlx.errors import UsageError
 from gain_mlx.train import evaluate_loss
 
 
@@ -108,12 +111,15 @@ def test_methods_train_only_their_modules_and_merge_exactly(tiny_model_dir):
 
 
 def test_bad_input_is_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="unknown method"):
+    with pytest.raises(UsageError, match="unknown method"):
         sequential.parse_args(["--out", "x", "--methods", "gain,adapterz"])
-    with pytest.raises(SystemExit, match="multiple of 8"):
+    with pytest.raises(UsageError, match="multiple of 8"):
         sequential.parse_args(["--out", "x", "--val-examples", "12"])
-    with pytest.raises(SystemExit, match="METHOD=R1,R2"):
+    with pytest.raises(UsageError, match="METHOD=R1,R2"):
         sequential.parse_args(["--out", "x", "--lr", "gain"])
+    r = subprocess.run([sys.executable, "-m", "gain_mlx.sequential", "--out", str(tmp_path / "o"), "--steps", "0"],
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stderr.strip().splitlines()) == (2, ["error: --steps must be positive"])
     with pytest.raises(SystemExit, match="make_corpora"):
         sequential.main(["--out", str(tmp_path / "o"), "--data-root", str(tmp_path), "--model", "x"])
 
