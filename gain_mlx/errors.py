@@ -7,7 +7,9 @@ user sees that one line (``error: ...``) and an exit code, never a traceback.
 
 import errno
 import functools
+import signal
 import sys
+import threading
 
 
 class UserError(Exception):
@@ -38,6 +40,34 @@ def describe_os_error(e: OSError) -> str:
     return f"{e.strerror or e}{':' + where if where else ''}"
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt so that
+    the same ``finally`` blocks remove temporary files."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+TERMINATING_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _install_signal_handlers() -> dict:
+    """Turn SIGTERM/SIGHUP (where still at their default) into :class:`Interrupted`;
+    returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for sig in TERMINATING_SIGNALS:
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            previous[sig] = signal.signal(sig, _raise_interrupted)
+    return previous
+
+
 class Exit(SystemExit):
     """The exit a CLI takes after printing its error line: ``code`` is the exit status,
     ``str()`` the line (so callers and tests can read what the user saw)."""
@@ -57,19 +87,28 @@ def _fail(line: str, code: int = 1):
 
 def cli(main):
     """Wrap a CLI ``main(argv=None)``: user errors, OS errors, memory and Ctrl-C become
-    one ``error: ...`` line on stderr and an exit code (2 usage, 1 otherwise, 130 Ctrl-C)."""
+    one ``error: ...`` line on stderr and an exit code (2 usage, 1 otherwise, 130 Ctrl-C,
+    128 + the signal number for SIGTERM/SIGHUP, as shells report them)."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
+        previous = _install_signal_handlers()
         try:
             return main(*args, **kwargs)
         except UserError as e:
             _fail(f"error: {e}", e.exit_code)
+        except Interrupted as e:
+            name = signal.Signals(e.signum).name
+            _fail(f"error: interrupted ({name}); temporary files were removed, earlier outputs are unchanged",
+                  128 + e.signum)
         except KeyboardInterrupt:
-            _fail("error: interrupted (Ctrl-C); nothing half-written was left", 130)
+            _fail("error: interrupted (Ctrl-C); temporary files were removed, earlier outputs are unchanged", 130)
         except MemoryError:
             _fail("error: out of memory: try a smaller --batch-size or --max-seq-length")
         except OSError as e:
             _fail(f"error: {describe_os_error(e)}")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     return wrapped

@@ -17,7 +17,6 @@ config, tokenizer files copied, a model card (README.md) and ``fold_plan.json``.
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -38,6 +37,7 @@ from .adapter import (
 )
 from .arch import get_module, head_layout
 from .errors import UserError, cli
+from .files import atomic_dir
 from .fold import invert, is_power_of_two, plan_folds
 
 PLAN_FILE = "fold_plan.json"
@@ -300,7 +300,10 @@ per-tensor plan is in `{PLAN_FILE}`. Undo with
 def _write_folder(tmp: Path, model, config: dict, model_dir: Path, info: dict, report: list):
     from mlx_lm.utils import save_config, save_model
 
-    save_model(tmp, model)
+    try:
+        save_model(tmp, model)
+    except RuntimeError as e:  # MLX's failed write: a full disk
+        raise UserError(f"cannot write the fused model ({e}): is the disk full? free space or write elsewhere") from None
     save_config(dict(config), tmp / "config.json")
     for pattern in COPY_PATTERNS:
         for f in model_dir.glob(pattern):
@@ -308,15 +311,6 @@ def _write_folder(tmp: Path, model, config: dict, model_dir: Path, info: dict, r
                 shutil.copy2(f, tmp / f.name)
     (tmp / PLAN_FILE).write_text(json.dumps({**info, "steps": report}, indent=2) + "\n")
     (tmp / "README.md").write_text(_model_card(info, report))
-
-
-def _publish(tmp: Path, save_path: Path):
-    """Move the finished folder into place; an existing one (``--force``) goes last."""
-    old = save_path.with_name(f".{save_path.name}.old-{os.getpid()}")
-    if save_path.exists():
-        os.rename(save_path, old)
-    os.rename(tmp, save_path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _local_dir(model_path: str) -> Path:
@@ -376,13 +370,10 @@ def fuse(
             print(f"note: up to {max(rounded):.1e} relative error is the rounding of folded scales to their "
                   "stored dtype; --fp32-scales makes the merge exact")
     save_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = save_path.with_name(f".{save_path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.mkdir()
+    # Built in a temporary folder and moved into place complete; an existing --save-path
+    # (--force) is swapped out only then, so a failure or kill leaves it as it was.
+    with atomic_dir(save_path, replace=force) as tmp:
         _write_folder(tmp, mlx_model, config, model_dir, info, report)
-        _publish(tmp, save_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(f"Wrote {save_path} ({operation}, plan in {save_path / PLAN_FILE})")
     return info

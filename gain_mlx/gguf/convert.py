@@ -3,9 +3,8 @@
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
@@ -13,7 +12,7 @@ from typing import Iterator, Optional, Tuple
 import mlx.core as mx
 from gguf import GGUFReader
 
-from ..files import save_safetensors
+from ..files import atomic_dir, remove, save_safetensors, temp_path
 from ..progress import progress
 from . import GGUFImportError
 from .config import arch_spec, gguf_config
@@ -128,17 +127,9 @@ def convert_gguf(
         raise FileExistsError(f"{out_dir} already exists and is not empty; choose another --out")
     reader = open_gguf(gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the result private
-    try:
+    with atomic_dir(out_dir) as tmp:  # .tmp-<pid>-<name>, removed on errors and by later runs
         write_model(reader, tmp, dtype, q_bits, q_group_size)
         write_tokenizer_files(reader, tmp)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -148,6 +139,7 @@ def cache_root() -> Path:
 
 
 CONVERTER_SOURCES = ("config.py", "weights.py", "tokenizer.py", "convert.py")
+COMPLETE_FILE = ".gain_mlx-complete.json"  # written last: a cache folder without it is never used
 
 
 def _converter_fingerprint() -> str:
@@ -167,18 +159,69 @@ def cache_key(gguf_path, dtype: str) -> str:
     return f"{path.stem}-{dtype}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
+def _complete(out: Path) -> bool:
+    return (out / COMPLETE_FILE).is_file() and (out / "config.json").is_file()
+
+
+@contextmanager
+def _cache_lock(lock_file: Path, gguf_path):
+    """Hold an exclusive lock on ``lock_file`` (the kernel drops it if the holder dies):
+    a second process converting the same file waits for the first, then uses its result."""
+    try:
+        import fcntl
+    except ImportError:  # no flock: the rename in cached_convert still keeps results whole
+        yield
+        return
+    with open(lock_file, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[gain_mlx] waiting for another process converting {gguf_path} ...", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks
+            pass
+        yield
+
+
 def cached_convert(gguf_path, dtype: str = "float32") -> Path:
-    """Return an mlx-lm folder for ``gguf_path``, converting it only on first use."""
+    """Return an mlx-lm folder for ``gguf_path``, converting it only on first use.
+
+    A conversion is built in a temporary folder, marked complete (``COMPLETE_FILE``) and
+    renamed into the cache in one step; only marked folders are served. A run killed
+    mid-way leaves at most its temporary folder, which the next conversion removes;
+    concurrent runs of the same file convert once (a lock) and never see a partial folder.
+    """
     if not Path(gguf_path).is_file():
         raise GGUFImportError(f"GGUF file not found: {gguf_path}")
-    out = cache_root() / cache_key(gguf_path, dtype)
-    if (out / "config.json").is_file():
-        print(f"[gain_mlx] using cached conversion of {gguf_path}: {out}", file=sys.stderr)
-        return out
-    print(f"[gain_mlx] converting {gguf_path} ({dtype}) -> {out}", file=sys.stderr)
-    try:
-        convert_gguf(gguf_path, out, dtype=dtype)
-    except OSError:  # another process may have finished the same conversion first
-        if not (out / "config.json").is_file():
-            raise
+    root = cache_root()
+    key = cache_key(gguf_path, dtype)
+    out = root / key
+    if not _complete(out):
+        root.mkdir(parents=True, exist_ok=True)
+        with _cache_lock(root / f".{key}.lock", gguf_path):
+            if not _complete(out):
+                _convert_into_cache(gguf_path, dtype, out)
+                return out
+    print(f"[gain_mlx] using cached conversion of {gguf_path}: {out}", file=sys.stderr)
     return out
+
+
+def _convert_into_cache(gguf_path, dtype: str, out: Path) -> None:
+    if os.path.lexists(out):  # unmarked: left by an older version or put there by hand
+        print(f"[gain_mlx] removing incomplete cached conversion {out}", file=sys.stderr)
+        aside = temp_path(out)
+        os.rename(out, aside)
+        remove(aside)
+    print(f"[gain_mlx] converting {gguf_path} ({dtype}) -> {out}", file=sys.stderr)
+    reader = open_gguf(gguf_path)
+    st = Path(gguf_path).resolve().stat()
+    record = {"gguf": str(Path(gguf_path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+              "dtype": dtype, "converter": _converter_fingerprint()}
+    try:
+        with atomic_dir(out) as tmp:  # the marker is inside the folder when it is renamed in
+            write_model(reader, tmp, dtype)
+            write_tokenizer_files(reader, tmp)
+            (tmp / COMPLETE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    except OSError:  # without a lock, another process may have published the same conversion
+        if not _complete(out):
+            raise

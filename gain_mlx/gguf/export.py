@@ -37,6 +37,7 @@ from ..adapter import (
     targets_from_config,
 )
 from ..arch import HeadLayout
+from ..files import temp_path
 from ..fold import FoldStep, plan_folds
 from . import quants as Q
 from .config import GGUF_ARCH
@@ -522,7 +523,7 @@ def export_gguf(
     converted = {e.tensor: e for e in edits if e.how in CONVERT_TYPES}
     add_kv = provenance(config, stored, edits, fallback) if metadata else ()
 
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(out_path)  # .tmp-<pid>-<name>; ones left by killed runs are removed
     try:
         if converted or metadata:
             replace = {
