@@ -6,14 +6,14 @@ Type a message and press Enter; ``q`` quits, ``r`` resets the conversation.
 import argparse
 
 from . import cpu
-from .errors import UserError, UsageError, cli
-from .generate import load
+from .errors import UserError, cli
+from .generate import setup
 
 
 def make_parser():
     p = argparse.ArgumentParser(prog="python -m gain_mlx.chat", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="base model (folder, repo or .gguf; default: packaged SmolLM2)")
-    p.add_argument("--adapter-path", help="gain adapter folder")
+    p.add_argument("--adapter-path", help="gain adapter folder or Hugging Face Hub repo id")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -26,19 +26,12 @@ def make_parser():
 @cli
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)
-    import mlx.core as mx
+    cpu.ensure_fast_blas(args.fast_blas)  # here: it re-executes only from the __main__ module
     from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
 
-    if args.max_tokens < 0:
-        raise UsageError("--max-tokens must be >= 0")
-    if args.seed is not None:
-        mx.random.seed(args.seed)
-    model, tokenizer = load(args.model, args.adapter_path)
+    model, tokenizer, sampler = setup(args)
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("this model has no chat template: use python -m gain_mlx.generate instead")
-    sampler = make_sampler(temp=args.temp, top_p=args.top_p)
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
     messages = list(system)
     print("[q] quit, [r] reset the conversation")

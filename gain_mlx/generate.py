@@ -52,14 +52,10 @@ def make_parser():
     return p
 
 
-@cli
-def main(argv=None):
-    args = make_parser().parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)
-    import sys
-
+def setup(args):
+    """The shared start of generate and chat: checked flags, seed, the model with its
+    adapter, and the sampler. Returns ``(model, tokenizer, sampler)``."""
     import mlx.core as mx
-    from mlx_lm import generate
     from mlx_lm.sample_utils import make_sampler
 
     if args.max_tokens < 0:
@@ -69,9 +65,20 @@ def main(argv=None):
     if args.seed is not None:
         mx.random.seed(args.seed)
     model, tokenizer = load(args.model, args.adapter_path)
+    return model, tokenizer, make_sampler(temp=args.temp, top_p=args.top_p)
+
+
+@cli
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    cpu.ensure_fast_blas(args.fast_blas)  # here: it re-executes only from the __main__ module
+    import sys
+
+    from mlx_lm import generate
+
+    model, tokenizer, sampler = setup(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     ids = build_prompt(tokenizer, prompt, args.system_prompt, args.ignore_chat_template)
-    sampler = make_sampler(temp=args.temp, top_p=args.top_p)
     print(generate(model, tokenizer, ids, max_tokens=args.max_tokens, sampler=sampler))
 
 

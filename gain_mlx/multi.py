@@ -66,27 +66,39 @@ class AdapterSet:
     """The adapters a model serves: names -> stack rows, rebuilt on add/remove.
 
     The base weights are never copied or changed; only the gain stacks are rebuilt.
+    Rows are stable: removing an adapter leaves a hole (gains of ones) that the next
+    ``add`` reuses, so sequences in flight on other adapters keep their row.
     """
 
     def __init__(self, model):
         self.model = model
         self.selection = _Selection()
         self.adapters = {}  # name -> {path: full gain}
-        self.names = []  # stack row i + 1 -> name
+        self.names = []  # stack row i + 1 -> name (None: a free row)
 
     def add(self, name: str, adapter_path, source=None):
         if not name or name in self.adapters:
             raise AdapterError(f"adapter name '{name}' is empty or already loaded: choose another name")
         self._unwrap(keep=())  # check against the plain base; _rebuild wraps again
         try:
-            self.adapters[name] = read_checked(self.model, adapter_path, source)
-        finally:
+            gains = read_checked(self.model, adapter_path, source)
+        except BaseException:
             self._rebuild()
+            raise
+        self.adapters[name] = gains
+        if None in self.names:
+            self.names[self.names.index(None)] = name
+        else:
+            self.names.append(name)
+        self._rebuild()
 
     def remove(self, name: str):
         if name not in self.adapters:
             raise AdapterError(f"no adapter named '{name}' is loaded")
         del self.adapters[name]
+        self.names[self.names.index(name)] = None
+        while self.names and self.names[-1] is None:
+            self.names.pop()
         self._rebuild()
 
     def row(self, name) -> int:
@@ -107,15 +119,14 @@ class AdapterSet:
                 _replace_module(self.model, path, layer.base)
 
     def _rebuild(self):
-        self.names = list(self.adapters)
         paths = sorted({p for a in self.adapters.values() for p in a})
         self._unwrap(keep=paths)
         for path in paths:
             layer = get_module(self.model, path)
             base = layer.base if isinstance(layer, MultiGainLinear) else layer
             ones = np.ones(input_dims(base), dtype=np.float32)
-            stack = np.stack([ones] + [self.adapters[n].get(path, ones) for n in self.names])
-            _replace_module(self.model, path, MultiGainLinear(base, mx.array(stack), self.selection))
+            rows = [self.adapters[n].get(path, ones) if n is not None else ones for n in self.names]
+            _replace_module(self.model, path, MultiGainLinear(base, mx.array(np.stack([ones] + rows)), self.selection))
         mx.eval(self.model.parameters())
 
 

@@ -27,6 +27,18 @@ LAYOUT = {
     "qwen2": ("qwen2", "qwen2", False, 0.0),
     "qwen3": ("qwen3", "qwen2", False, 0.0),
     "gemma3_text": ("gemma3", "gemma", False, 1.0),
+    "phi3": ("phi3", "smollm", False, 0.0),
+    "gemma2": ("gemma2", "gemma", False, 1.0),
+    "granite": ("granite", "smollm", True, 0.0),  # GraniteModel(LlamaModel): permuted
+    "starcoder2": ("starcoder2", "smollm", False, 0.0),
+    "qwen2_moe": ("qwen2moe", "qwen2", False, 0.0),
+    "qwen3_moe": ("qwen3moe", "qwen2", False, 0.0),
+    "mixtral": ("llama", "smollm", True, 0.0),  # LlamaModel with experts
+    "olmoe": ("olmoe", "smollm", False, 0.0),
+    "phi": ("phi2", "smollm", False, 0.0),
+    "gpt2": ("gpt2", "smollm", False, 0.0),
+    "gpt_neox": ("gptneox", "smollm", False, 0.0),
+    "cohere": ("command-r", "smollm", False, 0.0),
 }
 
 
@@ -35,20 +47,59 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model, qtype=Q.F32):
-    """``(gguf name, array, raw ggml type or None)`` for each parameter, llama.cpp layout."""
+def neox_qkv(w: np.ndarray, n_head: int) -> np.ndarray:
+    """``GPTNeoXModel.modify_tensors``: per-head ``[q_h k_h v_h]`` rows -> all q | all k | all v."""
+    per_head = w.reshape(n_head, 3, w.shape[0] // n_head // 3, *w.shape[1:])
+    return np.concatenate([per_head[:, i].reshape(-1, *w.shape[1:]) for i in range(3)])
+
+
+def hf_name(name: str, model_type: str) -> str:
+    """The Hugging Face checkpoint name of an mlx-lm parameter as llama.cpp's converter
+    maps it (mlx-lm keeps HF names except for stacked experts and a ``model.`` prefix)."""
+    if model_type == "mixtral":  # LlamaModel merges Mixtral's experts.{e}.w1/w2/w3
+        for mine, theirs in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+            name = name.replace(f"switch_mlp.{mine}.", f"experts.{theirs}.")
+    name = name.replace(".switch_mlp.", ".experts.")  # Qwen2MoeModel's merged_name
+    if model_type == "gpt2":
+        name = name[len("model."):]
+    if model_type == "gpt_neox":
+        name = name[len("model."):]
+        if not name.startswith("embed_out"):
+            name = "gpt_neox." + (name.replace("h.", "layers.", 1) if name.startswith("h.") else name)
+    return name
+
+
+def _n_layers(config: dict) -> int:
+    return config.get("num_hidden_layers") or config["n_layer"]
+
+
+def gguf_tensors(model, qtype=Q.F32, fused_qkv=False):
+    """``(gguf name, array, raw ggml type or None)`` for each parameter, llama.cpp layout.
+
+    ``fused_qkv``: (Phi-2) q | k | v in one ``attn_qkv``, as in GGUFs converted from the
+    original checkpoint's ``mixer.Wqkv`` before Phi-2 moved to separate projections.
+    """
     config = vars(model.args)
-    arch, _, permute_qk, shift = LAYOUT[config["model_type"]]
+    model_type = config["model_type"]
+    arch, _, permute_qk, shift = LAYOUT[model_type]
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
-    names = gguf.TensorNameMap(arch_enum, config["num_hidden_layers"])
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    for name, p in tree_flatten(model.parameters()):
+    names = gguf.TensorNameMap(arch_enum, _n_layers(config))
+    heads = {"q_proj": config.get("num_attention_heads"), "k_proj": config.get("num_key_value_heads")}
+    params = dict(tree_flatten(model.parameters()))
+    if fused_qkv:
+        for i in range(_n_layers(config)):
+            for suffix in ("weight", "bias"):
+                parts = [params.pop(f"model.layers.{i}.self_attn.{p}_proj.{suffix}") for p in "qkv"]
+                params[f"transformer.h.{i}.mixer.Wqkv.{suffix}"] = mx.concatenate(parts)
+    for name, p in params.items():
         w = np.array(p.astype(mx.float32))
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        gguf_name = names.get_name(hf_name(name, model_type), try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, name
         kind = name.split(".")[-2]
         if permute_qk and kind in heads:
             w = permute(w, heads[kind])
+        if model_type == "gpt_neox" and kind == "query_key_value":
+            w = neox_qkv(w, config["num_attention_heads"])
         if shift and name.endswith("norm.weight"):
             w = w + np.float32(shift)
         if w.ndim == 1 or qtype == Q.F32:
@@ -59,21 +110,10 @@ def gguf_tensors(model, qtype=Q.F32):
             yield gguf_name, gguf.quants.quantize(w, qtype), qtype
 
 
-def write_gguf(
-    path: Path, model, qtype=Q.F32, rope_scale=None, rope_orig_ctx=None, pattern="int",
-    rope_base_swa=None, tensors=None, extra_tensors=(),
-) -> Path:
-    """Write an mlx-lm ``model`` as a GGUF file that llama.cpp loads.
-
-    ``tensors``: ``(name, data, raw type)`` to write instead of the model's own;
-    ``extra_tensors``: more of them (e.g. ``rope_freqs.weight``); ``pattern``: how
-    Gemma 3's sliding-window layer pattern is stored ("int", per-layer "flags", or None).
-    """
-    config = vars(model.args)
-    arch, style, _, _ = LAYOUT[config["model_type"]]
+def _llama_metadata(w, config, rope_scale, rope_orig_ctx, pattern, rope_base_swa) -> None:
+    """LlamaModel / Qwen2Model / Gemma3Model's keys (the architectures imported first)."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config["num_hidden_layers"])
     w.add_context_length(config.get("max_position_embeddings") or 512)
     w.add_embedding_length(config["hidden_size"])
@@ -90,7 +130,7 @@ def write_gguf(
         w.add_rope_scaling_factor(rope_scale)
     if rope_orig_ctx:
         w.add_rope_scaling_orig_ctx_len(rope_orig_ctx)
-    if arch == "gemma3":
+    if config["model_type"] == "gemma3_text":
         w.add_sliding_window(config["sliding_window"])
         period, n = config["sliding_window_pattern"], config["num_hidden_layers"]
         if pattern == "int":
@@ -99,6 +139,124 @@ def write_gguf(
             w.add_sliding_window_pattern([(i + 1) % period != 0 for i in range(n)])
         if rope_base_swa:
             w.add_rope_freq_base_swa(rope_base_swa)
+
+
+def _rope_dims(config: dict, head_dim: int) -> int:
+    """``rope.dimension_count`` as the converters compute it: int(pct * n_embd) // n_head."""
+    pct = config.get("partial_rotary_factor") or config.get("rotary_pct") or 1.0
+    return int(pct * config["hidden_size"]) // config["num_attention_heads"] if pct != 1.0 else head_dim
+
+
+def _text_model_metadata(w, config: dict) -> None:
+    """``TextModel.set_gguf_parameters``: the keys written from whatever the HF config has."""
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config.get("max_position_embeddings") or 512)
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    if config.get("rope_theta") is not None:
+        w.add_rope_freq_base(config["rope_theta"])
+    if config.get("rms_norm_eps") is not None:
+        w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    else:
+        w.add_layer_norm_eps(config.get("layer_norm_eps") or config["norm_epsilon"])
+    if config.get("head_dim"):
+        w.add_key_length(config["head_dim"])
+        w.add_value_length(config["head_dim"])
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(config["num_experts_per_tok"])
+
+
+def _metadata(w, config: dict, **llama_options) -> None:
+    """What each architecture's converter class writes (convert_hf_to_gguf.py)."""
+    mt = config["model_type"]
+    if mt in ("llama", "qwen2", "qwen3", "gemma3_text"):
+        _llama_metadata(w, config, **llama_options)
+    elif mt == "gpt2":  # GPT2Model
+        w.add_block_count(config["n_layer"])
+        w.add_context_length(config["n_ctx"])
+        w.add_embedding_length(config["n_embd"])
+        w.add_feed_forward_length(4 * config["n_embd"])
+        w.add_head_count(config["n_head"])
+        w.add_layer_norm_eps(config["layer_norm_epsilon"])
+    elif mt in ("phi", "gpt_neox"):  # Phi2Model, GPTNeoXModel
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        w.add_context_length(config["max_position_embeddings"])
+        w.add_embedding_length(hidden)
+        w.add_feed_forward_length(4 * hidden)  # (mlx-lm's gpt_neox MLP: 4 * hidden)
+        w.add_block_count(config["num_hidden_layers"])
+        w.add_head_count(heads)
+        if mt == "phi":
+            w.add_head_count_kv(heads)
+        else:
+            w.add_parallel_residual(config["use_parallel_residual"])
+        w.add_layer_norm_eps(config["layer_norm_eps"])
+        w.add_rope_dimension_count(_rope_dims(config, hidden // heads))
+    elif mt == "phi3":  # Phi3MiniModel
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        w.add_context_length(config["max_position_embeddings"])
+        w.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
+        w.add_embedding_length(hidden)
+        w.add_feed_forward_length(config["intermediate_size"])
+        w.add_block_count(config["num_hidden_layers"])
+        w.add_head_count(heads)
+        w.add_head_count_kv(config["num_key_value_heads"])
+        w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+        w.add_rope_dimension_count(_rope_dims(config, hidden // heads))
+        w.add_rope_freq_base(config["rope_theta"])
+        w.add_sliding_window(0)
+    elif mt == "gemma2":  # Gemma2Model (no rope_theta key: llama.cpp's 10000)
+        w.add_context_length(config.get("max_position_embeddings") or 8192)
+        w.add_embedding_length(config["hidden_size"])
+        w.add_block_count(config["num_hidden_layers"])
+        w.add_feed_forward_length(config["intermediate_size"])
+        w.add_head_count(config["num_attention_heads"])
+        w.add_head_count_kv(config["num_key_value_heads"])
+        w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+        w.add_key_length(config["head_dim"])
+        w.add_value_length(config["head_dim"])
+        w.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(config["final_logit_softcapping"])
+        w.add_sliding_window(4096)
+    else:
+        _text_model_metadata(w, config)
+        if mt in ("granite", "mixtral"):  # LlamaModel
+            w.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+        if mt == "granite":
+            w.add_embedding_scale(config["embedding_multiplier"])
+            w.add_residual_scale(config["residual_multiplier"])
+            w.add_attention_scale(config["attention_multiplier"])
+            w.add_logit_scale(config["logits_scaling"])
+        if mt in ("qwen2_moe", "qwen3_moe"):
+            w.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        if mt == "qwen2_moe":
+            w.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+        if mt == "cohere":  # CommandR2Model
+            w.add_logit_scale(config["logit_scale"])
+            w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+
+
+def write_gguf(
+    path: Path, model, qtype=Q.F32, rope_scale=None, rope_orig_ctx=None, pattern="int",
+    rope_base_swa=None, tensors=None, extra_tensors=(), metadata=None,
+) -> Path:
+    """Write an mlx-lm ``model`` as a GGUF file that llama.cpp loads.
+
+    ``tensors``: ``(name, data, raw type)`` to write instead of the model's own;
+    ``extra_tensors``: more of them (e.g. ``rope_freqs.weight``); ``pattern``: how
+    Gemma 3's sliding-window layer pattern is stored ("int", per-layer "flags", or None);
+    ``metadata``: a function of the writer that adds more keys.
+    """
+    config = vars(model.args)
+    arch, style, _, _ = LAYOUT[config["model_type"]]
+    w = gguf.GGUFWriter(str(path), arch)
+    _metadata(w, config, rope_scale=rope_scale, rope_orig_ctx=rope_orig_ctx, pattern=pattern,
+              rope_base_swa=rope_base_swa)
+    if metadata:
+        metadata(w)
     add_vocab(w, style, config["vocab_size"])
     for name, data, raw in [*(tensors or gguf_tensors(model, qtype)), *extra_tensors]:
         w.add_tensor(name, data, raw_dtype=raw)
@@ -238,18 +396,55 @@ def write_random_gguf(path: Path, model, qtype, seed: int = 0) -> Path:
     return write_gguf(path, model, tensors=tensors)
 
 
+# What a tiny model needs to be one that llama.cpp's converter could have produced.
+GGUF_TINY = {
+    "gemma3_text": dict(query_pre_attn_scalar=16),  # llama.cpp: head_dim**-0.5
+    "gemma2": dict(query_pre_attn_scalar=16),
+    "qwen3_moe": dict(mlp_only_layers=[]),  # llama.cpp's qwen3moe: experts in every layer
+    "phi": dict(intermediate_size=256),  # Phi2Model writes 4 * n_embd
+    "olmoe": dict(num_key_value_heads=4),  # llama.cpp's olmoe: k_norm n_embd wide (no GQA)
+}
+# Architectures of the GGUF table that conftest's (training) table does not have.
+EXTRA_TINY = {
+    "qwen2_moe": dict(
+        hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=128, tie_word_embeddings=False,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, rope_theta=10000.0,
+    ),
+}
+
+
 def tiny_for_gguf(model_type: str, seed: int = 0, **overrides):
     """A tiny random mlx-lm model as llama.cpp would hold it: a vocabulary large enough
     for a real tokenizer, and Gemma's embeddings tied (its GGUFs have no output.weight)."""
     from conftest import tiny_model
 
-    defaults = {"vocab_size": 512}
-    if model_type == "gemma3_text":  # llama.cpp scales Gemma 3 attention by head_dim**-0.5
+    defaults = {"vocab_size": 512, **GGUF_TINY.get(model_type, {})}
+    if model_type in ("gemma3_text", "gemma2"):  # llama.cpp scales by head_dim**-0.5
         defaults["query_pre_attn_scalar"] = overrides.get("head_dim", 16)
-    model = tiny_model(model_type, seed=seed, **{**defaults, **overrides})
+    if model_type in EXTRA_TINY:
+        model = _tiny_extra(model_type, seed, {**defaults, **overrides})
+    else:
+        model = tiny_model(model_type, seed=seed, **{**defaults, **overrides})
     if model_type == "gemma3_text":
         model.pop("lm_head")
         model.tie_word_embeddings = True
+    return model
+
+
+def _tiny_extra(model_type: str, seed: int, overrides: dict):
+    """conftest.tiny_model for the architectures only this table has."""
+    from mlx.utils import tree_map_with_path
+    from mlx_lm.utils import _get_classes
+
+    config = {"model_type": model_type, **EXTRA_TINY[model_type], **overrides}
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    model.update(tree_map_with_path(
+        lambda path, p: p + 0.1 * mx.random.normal(p.shape) if p.ndim == 1 else p, model.parameters()))
+    mx.eval(model.parameters())
     return model
 
 

@@ -152,11 +152,11 @@ def test_rope_freqs_that_are_not_llama3_are_refused(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     path = tmp_path / "m.gguf"
-    w = gguf.GGUFWriter(str(path), "gpt2")
+    w = gguf.GGUFWriter(str(path), "bloom")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    with pytest.raises(GGUFImportError, match="'gpt2' is not supported; supported: llama"):
+    with pytest.raises(GGUFImportError, match="'bloom' is not supported; supported: llama"):
         convert_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no temp folder left

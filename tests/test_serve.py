@@ -63,7 +63,10 @@ def test_add_remove_keeps_base_untouched(three_adapters):
     with pytest.raises(AdapterError, match="already loaded"):
         aset.add("a", three_adapters[2])
     aset.remove("a")
-    assert aset.row("b") == 1
+    assert aset.row("b") == 2  # rows are stable: in-flight sequences keep theirs
+    aset.add("c", three_adapters[2])
+    assert aset.row("c") == 1  # the free row is reused
+    aset.remove("c")
     with pytest.raises(AdapterError, match="no adapter named 'a'"):
         aset.row("a")
     aset.remove("b")

@@ -100,7 +100,7 @@ def write_model(
         raise GGUFImportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     config = gguf_config(reader)
     weights = gguf_weights(reader, config, arch_spec(reader), cast=_to_mlx(dtype))
-    weights = progress(weights, total=len(reader.tensors), desc="Converting tensors", unit="tensor")
+    weights = progress(weights, total=len(weights), desc="Converting tensors", unit="tensor")
     _write_shards(Path(out_dir), _quantized(weights, q_bits, q_group_size))
     if q_bits:
         quant = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}

@@ -1,5 +1,6 @@
 """GGUF tensors -> mlx-lm weights, streamed one tensor at a time."""
 
+import sys
 from typing import Any, Callable, Dict, Iterator, Tuple
 
 import numpy as np
@@ -22,16 +23,36 @@ def model_parameter_shapes(config: dict) -> Dict[str, Tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
+_EXPERT_LEAVES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def spellings(path: str) -> Iterator[str]:
+    """Names under which gguf-py's TensorNameMap may know an mlx-lm module path."""
+    yield path
+    stacked = path.replace(".switch_mlp.", ".experts.")  # mlx-lm stacks the experts
+    yield stacked
+    head, _, leaf = stacked.rpartition(".")
+    if ".experts" in head and leaf in _EXPERT_LEAVES:  # Mixtral's w1 / w2 / w3
+        yield f"{head}.{_EXPERT_LEAVES[leaf]}"
+    if path.startswith("model."):  # gpt2 / gpt_neox keep their blocks at model.h
+        rest = path[len("model."):]
+        yield rest
+        yield "transformer." + rest
+        yield "gpt_neox." + (rest.replace("h.", "layers.", 1) if rest.startswith("h.") else rest)
+
+
 def name_map(arch: str, n_layers: int, mlx_names) -> Dict[str, str]:
     """GGUF tensor name -> mlx-lm parameter name, from gguf-py's own name table."""
     by_value = {v: k for k, v in MODEL_ARCH_NAMES.items()}
     table = TensorNameMap(by_value[arch], n_layers)
-    mlx_names = set(mlx_names)
     mapping = {}
-    for hf_name, (_, gguf_name) in table.mapping.items():
-        for suffix in _SUFFIXES:
-            if hf_name + suffix in mlx_names:
-                mapping[gguf_name + suffix] = hf_name + suffix
+    for name in mlx_names:
+        module, _, suffix = name.rpartition(".")
+        if "." + suffix not in _SUFFIXES:
+            continue
+        gguf_name = next(filter(None, (table.get_name(s) for s in spellings(module))), None)
+        if gguf_name is not None:
+            mapping[f"{gguf_name}.{suffix}"] = name
     return mapping
 
 
@@ -67,52 +88,129 @@ def _dequantize(t, shape) -> np.ndarray:
     return out.reshape(shape)
 
 
-def gguf_weights(
-    reader: GGUFReader, config: dict, spec: ArchSpec, cast: Callable = np.asarray
-) -> Iterator[Tuple[str, Any]]:
-    """Yield ``(mlx-lm name, cast(float32 array))`` one tensor at a time, in mlx-lm layout.
+class gguf_weights:
+    """``(mlx-lm name, cast(float32 array))`` pairs, one tensor at a time, in mlx-lm layout.
+
+    Planned from the header alone when constructed: raises GGUFImportError for
+    tensors that have no place in the mlx-lm model, shape mismatches and missing
+    parameters before any tensor is read. ``len()`` is the number of pairs.
 
     ``cast`` runs inside the stream, so each float32 copy is freed before the
     consumer sees the result.
-
-    Raises GGUFImportError for tensors that have no place in the mlx-lm model,
-    shape mismatches and missing parameters.
     """
-    check_types(reader)
-    shapes = model_parameter_shapes(config)
-    if "output.weight" not in {t.name for t in reader.tensors}:
-        shapes.pop("lm_head.weight", None)  # tied: mlx-lm drops lm_head on load
-    names = name_map(Metadata(reader).arch, config["num_hidden_layers"], shapes)
-    heads = {
-        "attn_q": config["num_attention_heads"],
-        "attn_k": config["num_key_value_heads"],
-    }
-    plan = []  # checked from the header alone, before any tensor is read
-    for t in reader.tensors:
-        if t.name == "rope_freqs.weight":  # folded into config["rope_scaling"]
-            continue
-        name = names.get(t.name)
-        if name is None:
+
+    def __init__(self, reader: GGUFReader, config: dict, spec: ArchSpec, cast: Callable = np.asarray):
+        check_types(reader)
+        self.reader, self.config, self.spec, self.cast = reader, config, spec, cast
+        self.shapes = shapes = model_parameter_shapes(config)
+        if "output.weight" not in {t.name for t in reader.tensors}:
+            shapes.pop("lm_head.weight", None)  # tied: mlx-lm drops lm_head on load
+        n_layers = config.get("num_hidden_layers") or config["n_layer"]
+        names = name_map(Metadata(reader).arch, n_layers, shapes)
+        self.plan = []
+        for t in reader.tensors:
+            if t.name in SKIPPED:  # folded into the config (RoPE factors)
+                continue
+            shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+            if spec.tied_only and t.name == "output.weight":
+                self.plan.append((t, [], shape))  # checked against token_embd when read
+                continue
+            pieces = _pieces(t.name, shape, names, shapes, spec)
+            if pieces is None:
+                raise GGUFImportError(
+                    f"GGUF tensor {t.name!r} has no counterpart in mlx-lm's "
+                    f"{config['model_type']} model; this variant is not supported"
+                )
+            self.plan.append((t, pieces, shape))
+        missing = sorted(set(shapes) - {name for _, pieces, _ in self.plan for name, _ in pieces})
+        if missing:
+            raise GGUFImportError(f"GGUF file has no tensors for {', '.join(missing[:4])}")
+
+    def __len__(self) -> int:
+        return sum(len(pieces) for _, pieces, _ in self.plan)
+
+    def __iter__(self) -> Iterator[Tuple[str, Any]]:
+        spec, config = self.spec, self.config
+        heads = {"attn_q": config.get("num_attention_heads"), "attn_k": config.get("num_key_value_heads")}
+        for t, pieces, shape in self.plan:
+            w = _dequantize(t, shape)
+            if not pieces:
+                _check_tied(w, self.reader, shape)
+                continue
+            kind = t.name.split(".")[-2]
+            if spec.permute_qk and kind in heads:
+                w = unpermute_qk(w, heads[kind])
+            if spec.qkv_per_head and kind == "attn_qkv":
+                w = per_head_qkv(w, config["num_attention_heads"])
+            if spec.norm_shift and t.name.endswith("norm.weight"):
+                w = w - np.float32(spec.norm_shift)
+            for name, rows in pieces:
+                part = w if rows is None else w[rows]
+                yield name, self.cast(part.reshape(self.shapes[name]))
+            del w
+
+
+SKIPPED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _pieces(gguf_name, shape, names, shapes, spec):
+    """``[(mlx name, row slice or None)]`` that one GGUF tensor becomes, or None.
+
+    A tensor maps to one parameter of the same shape (or the same values with unit
+    axes dropped: a (1, n) gate stored as [n]); a fused ``attn_qkv`` may also stand
+    for separate q/k/v projections (Phi-2 GGUFs converted from ``mixer.Wqkv``).
+    """
+    name = names.get(gguf_name)
+    if name is not None:
+        if shape != shapes[name] and _squeezed(shape) != _squeezed(shapes[name]):
             raise GGUFImportError(
-                f"GGUF tensor {t.name!r} has no counterpart in mlx-lm's "
-                f"{config['model_type']} model; this variant is not supported"
-            )
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        if shape != shapes[name]:
-            raise GGUFImportError(
-                f"GGUF tensor {t.name!r} has shape {shape} but mlx-lm's "
+                f"GGUF tensor {gguf_name!r} has shape {shape} but mlx-lm's "
                 f"{name} expects {shapes[name]}: metadata and tensors disagree"
             )
-        plan.append((t, name, shape))
-    missing = sorted(set(shapes) - {name for _, name, _ in plan})
-    if missing:
-        raise GGUFImportError(f"GGUF file has no tensors for {', '.join(missing[:4])}")
-    for t, name, shape in plan:
-        w = _dequantize(t, shape)
-        kind = t.name.split(".")[-2]
-        if spec.permute_qk and kind in heads:
-            w = unpermute_qk(w, heads[kind])
-        if spec.norm_shift and t.name.endswith("norm.weight"):
-            w = w - np.float32(spec.norm_shift)
-        w = cast(w)
-        yield name, w
+        return [(name, None)]
+    block, _, leaf = gguf_name.rpartition(".attn_qkv.")
+    if not (spec.split_qkv and block):
+        return None
+    parts = [names.get(f"{block}.attn_{p}.{leaf}") for p in "qkv"]
+    if None in parts:
+        return None
+    sizes = [shapes[p][0] for p in parts]
+    if shape[0] != sum(sizes) or any(shapes[p][1:] != shape[1:] for p in parts):
+        raise GGUFImportError(
+            f"GGUF tensor {gguf_name!r} has shape {shape} but mlx-lm's q/k/v projections "
+            f"need {sum(sizes)} rows: metadata and tensors disagree"
+        )
+    ends = np.cumsum([0] + sizes)
+    return [(p, slice(a, b)) for p, a, b in zip(parts, ends[:-1], ends[1:])]
+
+
+def _squeezed(shape) -> tuple:
+    return tuple(n for n in shape if n != 1)
+
+
+def per_head_qkv(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q | k | v rows (GPT-NeoX) -> mlx-lm's per-head ``[q_h k_h v_h]``."""
+    qkv = w.reshape(3, n_head, w.shape[0] // n_head // 3, *w.shape[1:])
+    return qkv.swapaxes(0, 1).reshape(w.shape)
+
+
+TIED_TOLERANCE = 0.2  # relative difference of one matrix quantized in two types
+
+
+def _check_tied(output: np.ndarray, reader: GGUFReader, shape) -> None:
+    """An ``output.weight`` for a model that mlx-lm always ties: accepted when it is the
+    embedding matrix (older GPT-2 converters wrote a copy), possibly in another type."""
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    values = _dequantize(embd, tuple(int(n) for n in reversed(embd.shape.tolist())))
+    if values.shape != output.shape:
+        raise GGUFImportError(f"output.weight has shape {shape}, token_embd.weight {values.shape}")
+    diff = float(np.linalg.norm(values - output) / (np.linalg.norm(values) + 1e-30))
+    if diff > TIED_TOLERANCE:
+        raise GGUFImportError(
+            f"output.weight differs from token_embd.weight (relative difference {diff:.2f}), "
+            "but mlx-lm's model of this architecture always ties them; not supported"
+        )
+    if diff > 0:
+        print(f"[gain_mlx] note: output.weight is token_embd.weight in another quantization "
+              f"(relative difference {diff:.1e}); mlx-lm ties them, so the MLX model uses "
+              "token_embd.weight for both", file=sys.stderr)
