@@ -37,7 +37,7 @@ from .adapter import (
 )
 from .arch import get_module, head_layout
 from .errors import UserError, cli
-from .files import atomic_dir
+from .files import atomic_dir, remove_stale
 from .fold import invert, is_power_of_two, plan_folds
 
 PLAN_FILE = "fold_plan.json"
@@ -336,6 +336,7 @@ def fuse(
     from .loading import load_model
 
     adapter_path, save_path = Path(adapter_path), Path(save_path)
+    remove_stale(save_path)  # a --force killed mid-swap: its previous output goes back first
     config_a, _ = read_adapter(adapter_path)
     sha = _sha256(adapter_path / GAINS_FILE)
     _check_output(save_path, force, ("--adapter-path", adapter_path))

@@ -28,12 +28,13 @@ from . import adapter as gain_adapter
 from . import cpu
 from .arch import ARCHITECTURES, VARIANTS
 from .errors import UsageError, UserError, cli
-from .files import atomic_write
+from .files import atomic_write, save_safetensors
 from .monitor import KEEP, Monitor, evaluate_loss, isolated, load_retain_set, read_history
 from .progress import progress, say
 
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
-OPTIMIZER_FILE = "optimizer.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"  # what --resume reads (one atomic file)
+OPTIMIZER_FILE = "optimizer.safetensors"  # the optimizer state of checkpoints before CHECKPOINT_FILE
 STATE_FILE = "trainer_state.json"
 
 # Gains sit at 1 and have no direction to find, only a size: they need a far larger
@@ -155,20 +156,41 @@ def parse_args(argv=None) -> types.SimpleNamespace:
     return types.SimpleNamespace(**args)
 
 
-def save_checkpoint(model, optimizer, adapter_path: Path, config: dict, step: int, args) -> None:
-    """Gains, config, optimizer state and step, each written atomically."""
-    gain_adapter.save_adapter(model, adapter_path, config)
-    opt_state = dict(tree_flatten(optimizer.state))
-    atomic_write(
-        adapter_path / OPTIMIZER_FILE, lambda tmp: mx.save_safetensors(str(tmp), opt_state)
-    )
+def save_checkpoint(model, optimizer, adapter_path: Path, config: dict, step: int, args, history=()) -> None:
+    """Everything ``--resume`` needs goes into one file, written atomically first: gains,
+    optimizer state, step, data-order settings, adapter config and evaluation history. A
+    process killed at any point therefore leaves a consistent checkpoint (this one or the
+    previous); the adapter files and trainer_state.json follow it."""
+    adapter_path.mkdir(parents=True, exist_ok=True)
+    arrays = {f"gains/{k}": v for k, v in tree_flatten(model.trainable_parameters())}
+    arrays.update({f"optimizer/{k}": v for k, v in tree_flatten(optimizer.state)})
     state = {"step": step, "seed": args.seed, "batch_size": args.batch_size}
+    meta = {"trainer_state": json.dumps(state), "config": json.dumps(config), "history": json.dumps(list(history))}
+    atomic_write(adapter_path / CHECKPOINT_FILE, lambda tmp: save_safetensors(tmp, arrays, metadata=meta))
+    gain_adapter.save_adapter(model, adapter_path, config)
     atomic_write(adapter_path / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(state) + "\n"))
 
 
-def restore_optimizer(optimizer, model, adapter_path: Path) -> None:
+def read_checkpoint(adapter_path: Path):
+    """(state, config, history, gains, optimizer arrays) of the checkpoint in ``adapter_path``;
+    folders from before CHECKPOINT_FILE: (state, None, None, None, optimizer arrays)."""
+    ckpt = adapter_path / CHECKPOINT_FILE
+    if ckpt.is_file():
+        try:
+            arrays, meta = mx.load(str(ckpt), return_metadata=True)
+            state, config, history = (json.loads(meta[k]) for k in ("trainer_state", "config", "history"))
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"--resume: {ckpt} is truncated or corrupt ({e}): train afresh without --resume") from None
+        part = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        return state, config, history, part("gains/"), part("optimizer/")
+    state_file = adapter_path / STATE_FILE
+    if not state_file.is_file():
+        raise UserError(f"--resume: no checkpoint in {adapter_path} ({CHECKPOINT_FILE} missing)")
+    return json.loads(state_file.read_text()), None, None, None, mx.load(str(adapter_path / OPTIMIZER_FILE))
+
+
+def restore_optimizer(optimizer, model, saved: dict) -> None:
     optimizer.init(model.trainable_parameters())
-    saved = mx.load(str(adapter_path / OPTIMIZER_FILE))
     optimizer.state = tree_map_with_path(lambda path, x: saved.get(path, x), optimizer.state)
 
 
@@ -444,18 +466,22 @@ def run(args) -> dict:
         retain = (retain[0], _truncate(retain[1], args.max_seq_length, "retain"))
         print(f"Retain set (forgetting check): {retain[0]}, {len(retain[1])} sequences")
 
-    start_step = 0
+    start_step, history = 0, None
     if args.resume:
-        state_file = adapter_path / STATE_FILE
-        if not state_file.is_file():
-            raise UserError(f"--resume: no checkpoint in {adapter_path} ({STATE_FILE} missing)")
-        saved = json.loads(state_file.read_text())
+        saved, config, history, gains, opt_saved = read_checkpoint(adapter_path)
         if (saved["seed"], saved["batch_size"]) != (args.seed, args.batch_size):
             raise UsageError(
                 f"--resume: the checkpoint used --seed {saved['seed']} --batch-size "
                 f"{saved['batch_size']}; pass the same values to continue it"
             )
-        config = gain_adapter.load_adapter(model, adapter_path)
+        if config is None:  # a checkpoint from before CHECKPOINT_FILE
+            config = gain_adapter.load_adapter(model, adapter_path)
+        else:
+            gain_adapter.check_base(model, config, source=f"checkpoint {adapter_path / CHECKPOINT_FILE}")
+            gain_adapter.apply_gains(model, config["variant"], config["tie_kv"], config.get("custom_targets"))
+            if set(gains) != {k for k, _ in tree_flatten(model.trainable_parameters())}:
+                raise UserError(f"--resume: {adapter_path / CHECKPOINT_FILE} does not match its config: train afresh")
+            model.load_weights(list(gains.items()), strict=False)
         start_step = saved["step"]
         print(f"Resuming from step {start_step} in {adapter_path}")
     else:
@@ -479,7 +505,7 @@ def run(args) -> dict:
         lr = build_schedule(args.lr_schedule)
     optimizer = OPTIMIZERS[args.optimizer](learning_rate=lr)
     if args.resume:
-        restore_optimizer(optimizer, model, adapter_path)
+        restore_optimizer(optimizer, model, opt_saved)
 
     training_args = TrainingArgs(
         batch_size=args.batch_size,
@@ -497,12 +523,12 @@ def run(args) -> dict:
     monitor = Monitor(
         valid_set, retain[1] if retain else None, args.batch_size, args.val_batches, args.max_seq_length,
         adapter_path, args.retain_budget, args.stop_on_budget, args.keep,
-        history=read_history(adapter_path) if args.resume else None,
+        history=(history if history is not None else read_history(adapter_path)) if args.resume else None,
     )
 
     def on_save(step):
         if is_main:
-            save_checkpoint(model, optimizer, adapter_path, config, step, args)
+            save_checkpoint(model, optimizer, adapter_path, config, step, args, monitor.history)
             monitor.write()
             print(f"Iter {step}: saved gains to {adapter_path / gain_adapter.GAINS_FILE}")
 
