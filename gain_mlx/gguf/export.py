@@ -40,8 +40,9 @@ from ..arch import HeadLayout
 from ..files import temp_path
 from ..fold import FoldStep, plan_folds
 from . import quants as Q
-from .config import GGUF_ARCH
+from .config import ARCHS, GGUF_ARCH
 from .header import GGUFFile
+from .weights import spellings
 
 FALLBACKS = ("requant", "f16", "q8_0", "refuse")
 CONVERT_TYPES = {"f16": T.F16, "q8_0": T.Q8_0}
@@ -82,26 +83,17 @@ def _field(reader: GGUFFile, key: str, default=None):
 
 def tensor_name_map(reader: GGUFFile) -> TensorNameMap:
     arch = _field(reader, "general.architecture")
+    if arch not in ARCHS:
+        raise ExportError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHS)}")
     by_name = {v: k for k, v in MODEL_ARCH_NAMES.items()}
     if arch not in by_name:
         raise ExportError(f"GGUF architecture {arch!r} is unknown to the installed gguf-py; upgrade gguf")
     return TensorNameMap(by_name[arch], int(_field(reader, f"{arch}.block_count", 0)))
 
 
-_EXPERT_LEAVES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-
-
 def _candidates(path: str):
-    """Spellings of an mlx-lm module path that gguf-py's name map may know."""
-    yield path
-    stacked = path.replace(".switch_mlp.", ".experts.")  # mlx-lm stacks experts
-    yield stacked
-    head, _, leaf = stacked.rpartition(".")
-    if leaf in _EXPERT_LEAVES:
-        yield f"{head}.{_EXPERT_LEAVES[leaf]}"
-    if path.startswith("model."):  # gpt2 / gpt_neox blocks live at model.h in mlx-lm
-        yield path[len("model."):]
-        yield "transformer." + path[len("model."):]
+    """Spellings of an mlx-lm module path that gguf-py's name map may know (the import's)."""
+    yield from spellings(path)
 
 
 def gguf_tensor(reader: GGUFFile, table: TensorNameMap, path: str, suffix: str = ".weight"):
@@ -196,9 +188,26 @@ def full_gains(config_targets, stored: dict, layout: Optional[HeadLayout]) -> di
 
 def _gguf_step(step: FoldStep, target, gain) -> FoldStep:
     """Keep row folds whose layout llama.cpp preserves; others go to the target's columns."""
+    if step.axis == "rows" and target.producer_rows == "v_per_head":
+        # llama.cpp's converter stores GPT-NeoX's per-head qkv as q | k | v: V is the last third
+        n = step.factor.shape[-1]
+        return FoldStep(step.target, step.dest, "rows", np.arange(2 * n, 3 * n), step.factor)
     if step.axis == "rows" and target.producer_rows not in GGUF_ROW_LAYOUTS:
         return FoldStep(step.target, step.target, "columns", None, gain)
     return step
+
+
+def _fused_v(reader, table, step: FoldStep) -> FoldStep:
+    """V rows of a fused ``attn_qkv`` (q | k | v) where mlx-lm has a separate v_proj
+    (Phi-2 GGUFs converted from the original ``mixer.Wqkv``)."""
+    block, _, leaf = step.dest.rpartition(".")
+    qkv = gguf_tensor(reader, table, block + ".qkv_proj")
+    if step.axis != "rows" or leaf != "v_proj" or step.rows is not None or qkv is None \
+            or gguf_tensor(reader, table, step.dest) is not None:
+        return step
+    rows = int(qkv.shape[1])
+    n = step.factor.shape[-1]
+    return FoldStep(step.target, block + ".qkv_proj", "rows", np.arange(rows - n, rows), step.factor)
 
 
 def _how(step: FoldStep, tensor, fallback: str) -> str:
@@ -232,6 +241,7 @@ def plan_edits(reader, table, targets, gains, layout, fallback: str) -> list:
     edits = []
     for step in plan_folds(targets, gains, is_quantized, layout):
         step = _gguf_step(step, by_path[step.target], gains[step.target])
+        step = _fused_v(reader, table, step)
         tensor = gguf_tensor(reader, table, step.dest)
         if tensor is None:
             raise ExportError(f"the GGUF has no tensor for {step.dest}")
