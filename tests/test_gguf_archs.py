@@ -158,6 +158,19 @@ def attn_v_is_qkv_head(model):
             a.q_proj[name], a.k_proj[name] = k, q
 
 
+_LONG = [2.535, 3.851, 1.432, 3.846, 1.935, 2.27, 3.483, 2.228]
+_SHORT = [1.275, 1.014, 1.377, 1.269, 1.165, 1.394, 1.152, 1.227]
+# Phi3MiniModel.generate_extra_tensors: LongRoPE factors as tensors and the attention factor
+# sqrt(1 + ln(128 / 32) / ln(32)). llama.cpp takes the long factors when its context (64 ids,
+# padded to 256) exceeds the original 32, which is what mlx-lm's SuScaledRoPE always uses.
+LONGROPE = dict(
+    tiny=dict(rope_theta=100.0, max_position_embeddings=128, original_max_position_embeddings=32,
+              rope_scaling={"type": "longrope", "long_factor": _LONG, "short_factor": _SHORT}),
+    metadata=lambda w: w.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(4) / np.log(32)))),
+    extra=[("rope_factors_long.weight", np.array(_LONG, np.float32), None),
+           ("rope_factors_short.weight", np.array(_SHORT, np.float32), None)],
+)
+
 # model_type -> tiny overrides, quantized type for the import, export base type,
 # [mistakes: a function of the loaded model or a config override]
 CASES = {
@@ -165,6 +178,8 @@ CASES = {
                                          {"partial_rotary_factor": 0.5}]),
     "phi3-partial": dict(model_type="phi3", tiny=dict(partial_rotary_factor=0.5), quant=Q.Q8_0,
                          mistakes=[{"partial_rotary_factor": 1.0}], export=False),
+    "phi3-longrope": dict(model_type="phi3", **LONGROPE, quant=Q.Q8_0, mistakes=[{"rope_scaling": None}],
+                          export=False),
     "gemma2": dict(tiny=dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0), quant=Q.Q8_0,
                    mistakes=[norm_not_unshifted, {"attn_logit_softcapping": 1000.0},
                              {"final_logit_softcapping": 1000.0}]),
@@ -193,7 +208,8 @@ def _write(path, case: str, qtype=Q.F32, seed: int = 0):
     c = CASES[case]
     model = tiny_for_gguf(_model_type(case), seed=seed, **c.get("tiny", {}))
     tensors = list(gguf_tensors(model, qtype, fused_qkv=c.get("fused_qkv", False)))
-    return write_gguf(path, model, tensors=tensors), model
+    return write_gguf(path, model, tensors=tensors, extra_tensors=c.get("extra", ()),
+                      metadata=c.get("metadata")), model
 
 
 def _logits(model, ids=IDS) -> np.ndarray:
