@@ -29,6 +29,7 @@ LAYOUT = {
     "gemma3_text": ("gemma3", "gemma", False, 1.0),
     "phi3": ("phi3", "smollm", False, 0.0),
     "gemma2": ("gemma2", "gemma", False, 1.0),
+    "gemma": ("gemma", "gemma", False, 1.0),
     "granite": ("granite", "smollm", True, 0.0),  # GraniteModel(LlamaModel): permuted
     "starcoder2": ("starcoder2", "smollm", False, 0.0),
     "qwen2_moe": ("qwen2moe", "qwen2", False, 0.0),
@@ -208,7 +209,7 @@ def _metadata(w, config: dict, **llama_options) -> None:
         w.add_rope_dimension_count(_rope_dims(config, hidden // heads))
         w.add_rope_freq_base(config["rope_theta"])
         w.add_sliding_window(0)
-    elif mt == "gemma2":  # Gemma2Model (no rope_theta key: llama.cpp's 10000)
+    elif mt in ("gemma", "gemma2"):  # GemmaModel, Gemma2Model (no rope_theta key: llama.cpp's 10000)
         w.add_context_length(config.get("max_position_embeddings") or 8192)
         w.add_embedding_length(config["hidden_size"])
         w.add_block_count(config["num_hidden_layers"])
@@ -218,6 +219,8 @@ def _metadata(w, config: dict, **llama_options) -> None:
         w.add_layer_norm_rms_eps(config["rms_norm_eps"])
         w.add_key_length(config["head_dim"])
         w.add_value_length(config["head_dim"])
+        if mt == "gemma":
+            return
         w.add_attn_logit_softcapping(config["attn_logit_softcapping"])
         w.add_final_logit_softcapping(config["final_logit_softcapping"])
         w.add_sliding_window(4096)

@@ -183,6 +183,7 @@ CASES = {
     "gemma2": dict(tiny=dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0), quant=Q.Q8_0,
                    mistakes=[norm_not_unshifted, {"attn_logit_softcapping": 1000.0},
                              {"final_logit_softcapping": 1000.0}]),
+    "gemma": dict(quant=Q.Q8_0, mistakes=[norm_not_unshifted]),
     "granite": dict(tiny=dict(rope_theta=100.0), quant=Q.Q5_0,
                     mistakes=[qk_still_permuted, {"embedding_multiplier": 1.0}, {"residual_multiplier": 1.0},
                               {"attention_multiplier": 1.0}, {"logits_scaling": 1.0}]),

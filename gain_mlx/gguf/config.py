@@ -312,6 +312,7 @@ ARCHS = {
     "gemma3": ArchSpec("gemma3_text", norm_shift=1.0, extra=_gemma3),
     "phi3": ArchSpec("phi3", extra=_phi3, partial_rope=True, fixed_head_dim=True),
     "gemma2": ArchSpec("gemma2", norm_shift=1.0, extra=_gemma2, tied_only=True),
+    "gemma": ArchSpec("gemma", norm_shift=1.0, tied_only=True),
     "granite": ArchSpec("granite", permute_qk=True, extra=_granite, fixed_head_dim=True),
     "starcoder2": ArchSpec("starcoder2", norm="layer", extra=_starcoder2, fixed_head_dim=True),
     "qwen2moe": ArchSpec("qwen2_moe", extra=_qwen2moe, fixed_head_dim=True),
