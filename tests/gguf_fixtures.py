@@ -30,6 +30,7 @@ LAYOUT = {
     "phi3": ("phi3", "smollm", False, 0.0),
     "gemma2": ("gemma2", "gemma", False, 1.0),
     "gemma": ("gemma", "gemma", False, 1.0),
+    "smollm3": ("smollm3", "smollm", True, 0.0),  # SmolLM3Model(LlamaModel): permuted
     "granite": ("granite", "smollm", True, 0.0),  # GraniteModel(LlamaModel): permuted
     "starcoder2": ("starcoder2", "smollm", False, 0.0),
     "qwen2_moe": ("qwen2moe", "qwen2", False, 0.0),
@@ -174,7 +175,7 @@ def _text_model_metadata(w, config: dict) -> None:
 def _metadata(w, config: dict, **llama_options) -> None:
     """What each architecture's converter class writes (convert_hf_to_gguf.py)."""
     mt = config["model_type"]
-    if mt in ("llama", "qwen2", "qwen3", "gemma3_text"):
+    if mt in ("llama", "qwen2", "qwen3", "gemma3_text", "smollm3"):
         _llama_metadata(w, config, **llama_options)
     elif mt == "gpt2":  # GPT2Model
         w.add_block_count(config["n_layer"])

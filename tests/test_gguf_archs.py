@@ -184,6 +184,8 @@ CASES = {
                    mistakes=[norm_not_unshifted, {"attn_logit_softcapping": 1000.0},
                              {"final_logit_softcapping": 1000.0}]),
     "gemma": dict(quant=Q.Q8_0, mistakes=[norm_not_unshifted]),
+    "smollm3": dict(tiny=dict(num_hidden_layers=4, rope_theta=100.0), quant=Q.Q4_0,
+                    mistakes=[qk_still_permuted, {"no_rope_layer_interval": 1000}]),
     "granite": dict(tiny=dict(rope_theta=100.0), quant=Q.Q5_0,
                     mistakes=[qk_still_permuted, {"embedding_multiplier": 1.0}, {"residual_multiplier": 1.0},
                               {"attention_multiplier": 1.0}, {"logits_scaling": 1.0}]),

@@ -305,6 +305,11 @@ def _cohere(meta: Metadata, config: dict) -> dict:
     return out
 
 
+def _smollm3(meta: Metadata, config: dict) -> dict:
+    # llama.cpp's smollm3 leaves RoPE out of every 4th layer (a fixed n_no_rope_layer_step)
+    return {**config, "no_rope_layer_interval": 4}
+
+
 ARCHS = {
     "llama": ArchSpec("llama", permute_qk=True, extra=_llama),
     "qwen2": ArchSpec("qwen2"),
@@ -313,6 +318,7 @@ ARCHS = {
     "phi3": ArchSpec("phi3", extra=_phi3, partial_rope=True, fixed_head_dim=True),
     "gemma2": ArchSpec("gemma2", norm_shift=1.0, extra=_gemma2, tied_only=True),
     "gemma": ArchSpec("gemma", norm_shift=1.0, tied_only=True),
+    "smollm3": ArchSpec("smollm3", permute_qk=True, extra=_smollm3),
     "granite": ArchSpec("granite", permute_qk=True, extra=_granite, fixed_head_dim=True),
     "starcoder2": ArchSpec("starcoder2", norm="layer", extra=_starcoder2, fixed_head_dim=True),
     "qwen2moe": ArchSpec("qwen2_moe", extra=_qwen2moe, fixed_head_dim=True),
