@@ -18,6 +18,7 @@ model after the control stage).
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from .cpu import add_fast_blas_argument, copy_model, dequantize_model, ensure_fa
 from .errors import UsageError, UserError, cli
 from .files import atomic_write
 from .layers import GainLinear
+from .probe import DEFAULT_PROBE, load_probe
+from .probe import score as probe_score
 from .train import evaluate_loss, train_gains
 
 DEFAULT_DATA_ROOT = ".cache/corpora/domains"
@@ -59,6 +62,7 @@ PRESETS = {
         "batch_size": 4,
         "max_seq_length": 64,
         "val_examples": 8,
+        "probe_questions": 0,
     },
     # Control stage + all eight domains, every method at three rates: 12 runs x 9 stages
     # of 6 steps x 4 x 64 tokens, ~15 min per run on SmolLM2-135M (one core each, two
@@ -72,6 +76,22 @@ PRESETS = {
         "batch_size": 4,
         "max_seq_length": 64,
         "val_examples": 8,
+        "probe_questions": 0,
+    },
+    # The credible scale (issue 13): control stage + four domains, 32 steps x 4 x 128
+    # tokens (16K tokens per domain and stage), every method, the definitions probe
+    # (dictionary is therefore not a domain). Rerun the matched pair with --seeds 1,2.
+    "paper": {
+        "domains": ["conversational", "math", "legal", "medical"],
+        "control": "generic",
+        "methods": ["gain-ffn", "lora", "gain", "lora-default"],
+        "rates": {"gain-ffn": [1e-3, 3e-3, 1e-2], "lora": [3e-5, 1e-4, 3e-4], "gain": [3e-3, 1e-2],
+                  "lora-default": [3e-5, 1e-4]},
+        "steps": 32,
+        "batch_size": 4,
+        "max_seq_length": 128,
+        "val_examples": 16,
+        "probe_questions": 100,
     },
 }
 
@@ -189,11 +209,19 @@ def perplexities(model, domains, max_seq_length) -> list:
     ]
 
 
-def run_method(base, method, lr, stages, domains, cfg, log=print) -> dict:
-    """Adapt a fresh copy of ``base`` stage by stage; perplexities after each stage."""
+def evaluate(model, domains, cfg, probe=None) -> tuple:
+    """Every domain's validation perplexity, and the probe's scores (or None)."""
+    return perplexities(model, domains, cfg.max_seq_length), probe_score(model, probe) if probe else None
+
+
+def run_method(base, method, lr, stages, domains, cfg, seed=0, probe=None, log=print) -> dict:
+    """Adapt a fresh copy of ``base`` stage by stage; perplexities after each stage.
+
+    ``seed`` sets LoRA's initial weights and the data order of every stage.
+    """
     attach, merge = METHODS[method]
     model = copy_model(base)
-    mx.random.seed(cfg.seed)  # LoRA's initial weights: the same in every run and process
+    mx.random.seed(seed)  # LoRA's initial weights: the same in every run and process
     attach(model, cfg)
     n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     args = TrainingArgs(
@@ -202,29 +230,36 @@ def run_method(base, method, lr, stages, domains, cfg, log=print) -> dict:
         steps_per_report=cfg.steps,
         max_seq_length=cfg.max_seq_length,
     )
-    rows, tic = {}, time.perf_counter()
+    rows, probes, timings, tic = {}, [], [], time.perf_counter()
     for i, stage in enumerate(stages):
         stage_tic = time.perf_counter()
-        mx.random.seed(cfg.seed + i)
+        mx.random.seed(seed + i)
         optimizer = optim.Adam(learning_rate=lr)  # a fresh optimizer per domain
-        metrics = train_gains(model, optimizer, stage.train, None, args, seed=cfg.seed + i, log=lambda *a: None)
+        metrics = train_gains(model, optimizer, stage.train, None, args, seed=seed + i, log=lambda *a: None)
         if cfg.merge:
             merge(model)
             attach(model, cfg)
         train_s = time.perf_counter() - stage_tic
-        rows[stage.name] = perplexities(model, domains, cfg.max_seq_length)
-        log(f"{method} lr {lr:g}: after {stage.name} (train loss {metrics['train_loss']:.3f}, "
-            f"{train_s:.0f}s + eval {time.perf_counter() - stage_tic - train_s:.0f}s) "
-            f"ppl {' '.join(f'{p:.2f}' for p in rows[stage.name])}")
-    result = {
+        rows[stage.name], probe_row = evaluate(model, domains, cfg, probe)
+        probes.append(probe_row)
+        timings.append([round(train_s, 1), round(time.perf_counter() - stage_tic - train_s, 1)])
+        log(f"{method} lr {lr:g} seed {seed}: after {stage.name} (train loss {metrics['train_loss']:.3f}, "
+            f"{timings[-1][0]:.0f}s + eval {timings[-1][1]:.0f}s) "
+            f"ppl {' '.join(f'{p:.2f}' for p in rows[stage.name])}"
+            + (f" | probe acc {100 * probe_row['acc_norm']:.1f}%" if probe_row else ""))
+    return {
         "method": method,
         "lr": lr,
+        "seed": seed,
         "trainable_parameters": n_params,
         "ppl": [rows[d.name] for d in domains],
         "control_ppl": rows.get(cfg.control),
+        "probe": [p for p, st in zip(probes, stages) if st.name != cfg.control] if probe else None,
+        "control_probe": probes[0] if probe and cfg.control else None,
+        "stage_seconds": timings,
         "seconds": round(time.perf_counter() - tic, 1),
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    return result
 
 
 def _change(a, b):
@@ -251,6 +286,46 @@ def summarize(ppl, reference) -> dict:
         "unseen": mean([_change(ppl[k][j], reference[j]) for k in range(n) for j in range(k + 1, n)]),
         "final": mean([_change(last[j], reference[j]) for j in range(n)]),
     }
+
+
+def probe_change(probe_rows, base) -> dict:
+    """Probe accuracy (acc_norm, in accuracy points) and answer log-likelihood per byte,
+    against the base: at the end and after each stage."""
+    return {
+        "probe_acc": probe_rows[-1]["acc_norm"] - base["acc_norm"],
+        "probe_ll": probe_rows[-1]["answer_ll_per_byte"] - base["answer_ll_per_byte"],
+        "probe_acc_each_stage": [p["acc_norm"] - base["acc_norm"] for p in probe_rows],
+    }
+
+
+def aggregate(runs) -> list:
+    """One row per (method, rate): the mean over its seeds, with the range of each summary."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["lr"]), []).append(r)
+    rows = []
+    for (method, lr), group in groups.items():
+        row = {"method": method, "lr": lr, "seeds": sorted(r.get("seed", 0) for r in group),
+               "trainable_parameters": group[0].get("trainable_parameters"),
+               "ppl": np.mean([r["ppl"] for r in group], axis=0).tolist(), "range": {}}
+        for key in ("control_ppl",):
+            row[key] = np.mean([r[key] for r in group], axis=0).tolist() if group[0].get(key) else None
+        for key in ("summary", "summary_control"):
+            if key not in group[0]:
+                continue
+            row[key] = {}
+            for name, value in group[0][key].items():
+                values = [r[key][name] for r in group]
+                if value is None:
+                    row[key][name] = None
+                elif isinstance(value, list):
+                    row[key][name] = [None if None in col else float(np.mean(col)) for col in zip(*values)]
+                else:
+                    row[key][name] = float(np.mean(values))
+                    if key == "summary":
+                        row["range"][name] = [float(min(values)), float(max(values))]
+        rows.append(row)
+    return rows
 
 
 def pareto_front(runs, key="summary") -> list:
@@ -286,18 +361,32 @@ def _pct(x):
     return "" if x is None else f"{100 * x:+.1f}%"
 
 
+def _cell(row, name, key="summary"):
+    """Mean, and the range over seeds when there is more than one."""
+    value = row[key].get(name)
+    spread = row.get("range", {}).get(name) if key == "summary" and len(row.get("seeds", [])) > 1 else None
+    if value is None:
+        return ""
+    points = name == "probe_acc"  # accuracy points, not a relative change
+    fmt = (lambda x: f"{100 * x:+.1f}") if points else _pct
+    return fmt(value) + (f" [{fmt(spread[0])}, {fmt(spread[1])}]" if spread else "")
+
+
 def markdown(results) -> str:
     domains, ref_names = results["domains"], [("base", "summary")]
+    rows = results["aggregate"]
+    has_probe = bool(results.get("probe_base"))
     if results.get("control"):
         ref_names.append((f"model after the control stage ({results['control']})", "summary_control"))
+    cfg = results["config"]
     lines = [
         f"# Sequential adaptation: {results['model']}",
         "",
         f"Domains in training order: {', '.join(domains)}."
         + (f" Control stage first: {results['control']}." if results.get("control") else ""),
-        f"Each stage: {results['config']['steps']} Adam steps of {results['config']['batch_size']} x "
-        f"{results['config']['max_seq_length']} tokens; validation: {results['config']['val_examples']} "
-        f"examples per domain. Changes are relative perplexity (negative = better).",
+        f"Each stage: {cfg['steps']} Adam steps of {cfg['batch_size']} x {cfg['max_seq_length']} tokens; "
+        f"validation: {cfg['val_examples']} examples per domain. Changes are relative perplexity "
+        f"(negative = better); each row is the mean over its seeds, [min, max] when there are several.",
         "",
         "| domain | " + " | ".join(domains) + " |",
         "|---|" + "---|" * len(domains),
@@ -306,23 +395,32 @@ def markdown(results) -> str:
     if results.get("control"):
         lines.append("| ppl after control (mean over runs) | " + " | ".join(
             f"{p:.2f}" for p in np.mean([r["control_ppl"] for r in results["sweep"]], axis=0)) + " |")
+    if has_probe:
+        pb = results["probe_base"]
+        lines += ["", f"Definitions probe ({pb['questions']} questions, 4 choices, chance 25%): base acc_norm "
+                      f"{100 * pb['acc_norm']:.1f}% (acc {100 * pb['acc']:.1f}%). Probe columns: change in "
+                      f"acc_norm points and in the answer's log-likelihood per byte (nats) at the end."]
+    probe_head = " probe acc (pts) | probe ll |" if has_probe else ""
     for title, key in ref_names:
-        lines += ["", f"## Every run, changes against the {title}", "",
-                  "| method | lr | in-domain | forgetting (end) | drift from own best | unseen domains | final avg | Pareto |",
-                  "|---|---|---|---|---|---|---|---|"]
-        front = {id(r) for r in pareto_front(results["sweep"], key)}
-        for r in results["sweep"]:
-            s = r[key]
-            lines.append(f"| {r['method']} | {r['lr']:g} | {_pct(s['in_domain'])} | {_pct(s['forgetting'])} | "
-                         f"{_pct(s['drift'])} | {_pct(s['unseen'])} | {_pct(s['final'])} | "
-                         f"{'yes' if id(r) in front else ''} |")
+        lines += ["", f"## Every method and rate, changes against the {title}", "",
+                  "| method | lr | seeds | in-domain | forgetting (end) | drift from own best | unseen domains | final avg |"
+                  + (probe_head if key == "summary" else "") + " Pareto |",
+                  "|---|---|---|---|---|---|---|---|" + ("---|---|" if has_probe and key == "summary" else "") + "---|"]
+        front = {id(r) for r in pareto_front(rows, key)}
+        for r in rows:
+            probe_cells = (f" {_cell(r, 'probe_acc')} | {r['summary']['probe_ll']:+.4f} |"
+                           if has_probe and key == "summary" else "")
+            lines.append(f"| {r['method']} | {r['lr']:g} | {len(r['seeds'])} | {_cell(r, 'in_domain', key)} | "
+                         f"{_cell(r, 'forgetting', key)} | {_cell(r, 'drift', key)} | {_cell(r, 'unseen', key)} | "
+                         f"{_cell(r, 'final', key)} |{probe_cells} {'yes' if id(r) in front else ''} |")
     m = results["matched"]
     lines += ["", f"## Headline: matched in-domain adaptation ({_pct(m['level'])} against the base)", ""]
     for method, head in results["methods"].items():
         s = head["summary"]
         lines += [
-            f"### {method}, lr {head['lr']:g}: in-domain {_pct(s['in_domain'])}, forgetting {_pct(s['forgetting'])}, "
-            f"final {_pct(s['final'])}",
+            f"### {method}, lr {head['lr']:g} ({len(head['seeds'])} seed(s)): in-domain {_cell(head, 'in_domain')}, "
+            f"forgetting {_cell(head, 'forgetting')}, final {_cell(head, 'final')}"
+            + (f", probe {_cell(head, 'probe_acc')} pts" if has_probe else ""),
             "",
             "Earlier domains after each stage: " + ", ".join(
                 _pct(x) for x in s["forgetting_each_stage"][1:]) + " (against the base).",
@@ -365,14 +463,15 @@ def plots(results, out: Path, log=print) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for method in dict.fromkeys(r["method"] for r in results["sweep"]):
-        runs = [r for r in results["sweep"] if r["method"] == method]
+    rows = results["aggregate"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        runs = [r for r in rows if r["method"] == method]
         xs = [100 * r["summary"]["in_domain"] for r in runs]
         ys = [100 * r["summary"]["forgetting"] for r in runs]
         ax.plot(xs, ys, "o-", label=method)
         for x, y, r in zip(xs, ys, runs):
             ax.annotate(f"{r['lr']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    front = pareto_front(results["sweep"])
+    front = pareto_front(rows)
     ax.scatter([100 * r["summary"]["in_domain"] for r in front], [100 * r["summary"]["forgetting"] for r in front],
                s=140, facecolors="none", edgecolors="black", label="Pareto front")
     ax.axhline(0, color="grey", lw=0.5)
@@ -380,6 +479,22 @@ def plots(results, out: Path, log=print) -> None:
     ax.set_ylabel("earlier domains at the end vs base (%)  <- better")
     ax.legend(fontsize=8)
     fig.savefig(out / "pareto.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    if not results.get("probe_base"):
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        runs = [r for r in rows if r["method"] == method]
+        xs = [100 * r["summary"]["in_domain"] for r in runs]
+        ys = [100 * r["summary"]["probe_acc"] for r in runs]
+        ax.plot(xs, ys, "o-", label=method)
+        for x, y, r in zip(xs, ys, runs):
+            ax.annotate(f"{r['lr']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("in-domain perplexity change vs base (%)  <- better")
+    ax.set_ylabel("definitions probe acc_norm change (points)  better ->")
+    ax.legend(fontsize=8)
+    fig.savefig(out / "probe.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -389,23 +504,57 @@ def _write(out: Path, results) -> None:
 
 
 def finish(results, methods) -> dict:
-    """Order the runs (``methods`` first, rising rate); add summaries, headlines, matched level."""
+    """Order the runs (``methods`` first, rising rate, seed); add summaries, the mean over
+    seeds of each (method, rate), headlines and the matched level (on those means)."""
     rank = {m: i for i, m in enumerate(methods)}  # resumed or combined runs come in any order
-    results["sweep"].sort(key=lambda r: (rank.get(r["method"], len(rank)), r["method"], r["lr"]))
+    results["sweep"].sort(key=lambda r: (rank.get(r["method"], len(rank)), r["method"], r["lr"], r.get("seed", 0)))
     reference = results["base_ppl"]
     for r in results["sweep"]:
         r["summary"] = summarize(r["ppl"], reference)
+        if r.get("probe") and results.get("probe_base"):
+            r["summary"].update(probe_change(r["probe"], results["probe_base"]))
         if r.get("control_ppl"):
             r["summary_control"] = summarize(r["ppl"], r["control_ppl"])
-    m = matched(results["sweep"], methods)
+    results["aggregate"] = aggregate(results["sweep"])
+    m = matched(results["aggregate"], methods)
     results["matched"] = {"level": m["level"], "rates": {k: r["lr"] for k, r in m["runs"].items()}}
-    results["methods"] = {k: {key: r[key] for key in ("lr", "ppl", "control_ppl", "summary")}
+    results["methods"] = {k: {key: r[key] for key in ("lr", "seeds", "ppl", "control_ppl", "summary", "range")}
                           for k, r in m["runs"].items()}
     return results
 
 
+def _run_name(method, lr, seed) -> str:
+    return f"{method}_lr{lr:g}_seed{seed}.json"
+
+
+def _identity(results) -> dict:
+    return {key: results[key] for key in ("model", "domains", "config", "probe_file")}
+
+
+def load_runs(folders, identity, log=print) -> list:
+    """Finished runs saved under ``<folder>/runs/`` with the same model, domains and settings."""
+    runs, seen = [], set()
+    for folder in folders:
+        for path in sorted((Path(folder) / "runs").glob("*.json")):
+            saved = json.loads(path.read_text())
+            key = (saved["run"]["method"], saved["run"]["lr"], saved["run"].get("seed", 0))
+            if saved.get("identity") != identity:
+                log(f"Not reusing {path}: it was made with other settings")
+            elif key not in seen:
+                seen.add(key)
+                runs.append(saved["run"])
+    return runs
+
+
+def _save_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
+
+
 def run(cfg, log=print) -> dict:
-    """The whole experiment; writes ``results.json``/``.md`` after every run (resumable)."""
+    """The whole experiment. Each finished run is saved as ``runs/<method>_lr<r>_seed<s>.json``
+    (resumable; ``--combine`` reads other folders' runs too) and ``results.json``/``.md``
+    are rewritten from all of them."""
     from .loading import default_model_path, load_model
 
     folders = [_folder(d, cfg.data_root) for d in cfg.domains]
@@ -427,40 +576,46 @@ def run(cfg, log=print) -> dict:
         control = load_domain(control_folder, tokenizer, cfg.max_seq_length, cfg.val_examples)
         cfg.control = control.name
         stages.insert(0, control)
+    probe = load_probe(cfg.probe, tokenizer, cfg.probe_questions) if cfg.probe_questions else None
 
     settings = {k: getattr(cfg, k) for k in
-                ("steps", "batch_size", "max_seq_length", "val_examples", "seed", "merge", "control",
-                 "lora_rank", "lora_scale", "lora_layers")}
+                ("steps", "batch_size", "max_seq_length", "val_examples", "merge", "control",
+                 "lora_rank", "lora_scale", "lora_layers", "probe_questions")}
     results = {
         "model": str(cfg.model or default_model_path().name),
         "domains": [d.name for d in domains],
         "control": cfg.control,
         "config": settings,
-        "machine": f"{platform.machine()} {platform.system()}, mlx {mx.__version__}, device {mx.default_device()}",
-        "sweep": [],
+        "probe_file": Path(cfg.probe).name if probe else None,
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, mlx {mx.__version__}, "
+                   f"device {mx.default_device()}",
     }
-    for previous in [out / "results.json"] + [Path(d) / "results.json" for d in cfg.combine or []]:
-        if not previous.is_file():
-            continue
-        old = json.loads(previous.read_text())
-        if (old.get("config"), old.get("domains"), old.get("model")) != (settings, results["domains"], results["model"]):
-            log(f"Not reusing {previous}: it was made with other settings")
-            continue
-        have = {(r["method"], r["lr"]) for r in results["sweep"]}
-        results["sweep"] += [r for r in old["sweep"] if (r["method"], r["lr"]) not in have]
-        results["base_ppl"] = old["base_ppl"]
-        log(f"Reusing {len(old['sweep'])} runs from {previous}")
+    identity = _identity(results)
+    results["sweep"] = load_runs([out] + list(cfg.combine or []), identity, log)
+    if results["sweep"]:
+        log(f"Reusing {len(results['sweep'])} finished runs")
 
-    if "base_ppl" not in results:
-        results["base_ppl"] = perplexities(base, domains, cfg.max_seq_length)
-    log(f"base ppl {' '.join(f'{d.name} {p:.2f}' for d, p in zip(domains, results['base_ppl']))}")
-    done = {(r["method"], r["lr"]) for r in results["sweep"]}
+    base_file = out / "base.json"  # the base model's numbers, measured once per experiment
+    cached = json.loads(base_file.read_text()) if base_file.is_file() else {}
+    if cached.get("identity") == identity:
+        results["base_ppl"], results["probe_base"] = cached["base_ppl"], cached["probe_base"]
+    else:
+        tic = time.perf_counter()
+        results["base_ppl"], results["probe_base"] = evaluate(base, domains, cfg, probe)
+        _save_json(base_file, {"identity": identity, "base_ppl": results["base_ppl"],
+                               "probe_base": results["probe_base"], "seconds": round(time.perf_counter() - tic, 1)})
+    log(f"base ppl {' '.join(f'{d.name} {p:.2f}' for d, p in zip(domains, results['base_ppl']))}"
+        + (f" | probe acc {100 * results['probe_base']['acc_norm']:.1f}%" if probe else ""))
+    done = {(r["method"], r["lr"], r.get("seed", 0)) for r in results["sweep"]}
     for method in cfg.methods:
         for lr in cfg.rates[method]:
-            if (method, lr) in done:
-                continue
-            results["sweep"].append(run_method(base, method, lr, stages, domains, cfg, log))
-            _write(out, finish(results, cfg.methods))
+            for seed in cfg.seeds:
+                if (method, lr, seed) in done:
+                    continue
+                result = run_method(base, method, lr, stages, domains, cfg, seed, probe, log)
+                _save_json(out / "runs" / _run_name(method, lr, seed), {"identity": identity, "run": result})
+                results["sweep"].append(result)
+                _write(out, finish(results, cfg.methods))
     results = finish(results, cfg.methods)
     results["seconds"] = round(sum(r["seconds"] for r in results["sweep"]), 1)
     _write(out, results)
@@ -488,7 +643,11 @@ def build_parser():
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-scale", type=float, default=20.0)
     p.add_argument("--lora-layers", type=int, default=16, help="blocks adapted by lora-default (mlx-lm's default 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma list of seeds (LoRA's initial weights, data order); "
+                   "each (method, rate) runs once per seed (default 0)")
+    p.add_argument("--probe", default=DEFAULT_PROBE,
+                   help=f"definitions probe .jsonl (default {DEFAULT_PROBE}; make it with python tools/make_probe.py)")
+    p.add_argument("--probe-questions", type=int, help="probe questions scored after every stage (0: off)")
     p.add_argument("--combine", nargs="+", metavar="DIR",
                    help="also reuse the runs in these output folders (same settings; e.g. methods run in parallel)")
     add_fast_blas_argument(p)
@@ -498,7 +657,7 @@ def build_parser():
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     preset = PRESETS[args.preset]
-    for key in ("steps", "batch_size", "max_seq_length", "val_examples", "control"):
+    for key in ("steps", "batch_size", "max_seq_length", "val_examples", "control", "probe_questions"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     args.control = None if args.control in ("none", "") else args.control
@@ -519,6 +678,12 @@ def parse_args(argv=None):
     for key in ("steps", "batch_size", "max_seq_length", "val_examples"):
         if getattr(args, key) < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be positive")
+    try:
+        args.seeds = [int(v) for v in args.seeds.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds {args.seeds}: expected a comma list of integers, e.g. 0,1,2") from None
+    if args.probe_questions < 0:
+        raise UsageError("--probe-questions must be 0 (off) or positive")
     if args.val_examples % EVAL_BATCH:
         raise UsageError(f"--val-examples must be a multiple of {EVAL_BATCH}")
     return args

@@ -1,0 +1,85 @@
+"""A downstream probe scored by log-likelihood: multiple choice, as lm-evaluation-harness
+scores it (each choice's continuation log-probability; the highest wins).
+
+Items are ``{"word", "choices": [...], "answer": i}`` rows (``tools/make_probe.py``
+builds them from a dictionary). The context is ``"Word: {word}\\nDefinition:"`` and each
+choice is scored as the continuation ``" {choice}"``. Accuracy is length-normalized
+(``acc_norm``: log-likelihood per byte of the choice), since definitions differ in length.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import UserError
+
+DEFAULT_PROBE = ".cache/corpora/probe/definitions.jsonl"
+PROBE_HINT = "python tools/make_probe.py"
+BATCH = 16  # sequences per forward pass
+
+
+@dataclass
+class Probe:
+    contexts: list  # token ids of each question's context
+    choices: list  # [question][choice] -> token ids of the continuation
+    choice_bytes: np.ndarray  # [question, choice] UTF-8 length of the continuation
+    answers: np.ndarray  # [question] index of the right choice
+
+
+def _context(item) -> str:
+    return f"Word: {item['word']}\nDefinition:"
+
+
+def load_probe(path, tokenizer, limit=None) -> Probe:
+    """The first ``limit`` questions of a probe file, tokenized once."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"probe {path} not found: make it with {PROBE_HINT}")
+    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:limit]
+    contexts, choices = [], []
+    for item in items:
+        ctx = tokenizer.encode(_context(item))
+        contexts.append(ctx)
+        # lm-eval: encode context + continuation together, the continuation is what follows the context
+        choices.append([tokenizer.encode(_context(item) + " " + c)[len(ctx):] for c in item["choices"]])
+    n_bytes = np.array([[len((" " + c).encode()) for c in item["choices"]] for item in items])
+    return Probe(contexts, choices, n_bytes, np.array([item["answer"] for item in items]))
+
+
+def continuation_logprobs(model, pairs) -> list:
+    """Sum of log p(continuation | context) for each ``(context, continuation)`` pair."""
+    out = []
+    for start in range(0, len(pairs), BATCH):
+        chunk = pairs[start:start + BATCH]
+        seqs = [ctx + cont for ctx, cont in chunk]
+        width = max(map(len, seqs)) - 1
+        inputs = np.zeros((len(seqs), width), np.int32)
+        targets = np.zeros((len(seqs), width), np.int32)
+        mask = np.zeros((len(seqs), width), np.float32)
+        for i, ((ctx, cont), seq) in enumerate(zip(chunk, seqs)):
+            inputs[i, :len(seq) - 1] = seq[:-1]
+            targets[i, :len(seq) - 1] = seq[1:]
+            mask[i, len(ctx) - 1:len(seq) - 1] = 1.0
+        logits = model(mx.array(inputs)).astype(mx.float32)
+        target_logits = mx.take_along_axis(logits, mx.array(targets)[..., None], axis=-1)[..., 0]
+        logp = (target_logits - mx.logsumexp(logits, axis=-1)) * mx.array(mask)
+        out += logp.sum(axis=1).tolist()
+    return out
+
+
+def score(model, probe: Probe) -> dict:
+    """``acc`` (raw), ``acc_norm`` (per byte) and the mean per-byte log-likelihood of the answer."""
+    model.eval()
+    pairs = [(ctx, cont) for ctx, conts in zip(probe.contexts, probe.choices) for cont in conts]
+    ll = np.array(continuation_logprobs(model, pairs)).reshape(probe.choice_bytes.shape)
+    norm = ll / probe.choice_bytes
+    rows = np.arange(len(probe.answers))
+    return {
+        "acc": float(np.mean(ll.argmax(1) == probe.answers)),
+        "acc_norm": float(np.mean(norm.argmax(1) == probe.answers)),
+        "answer_ll_per_byte": float(np.mean(norm[rows, probe.answers])),
+        "questions": int(len(probe.answers)),
+    }
