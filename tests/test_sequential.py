@@ -159,3 +159,35 @@ def test_lora_runs_do_not_depend_on_what_ran_before(tmp_path, tiny_model_dir):
         mx.random.normal((3,))  # whatever ran before leaves the generator somewhere else
         runs.append(sequential.run_method(model, "lora", 1e-3, domains, domains, args, log=lambda *a: None))
     assert runs[0]["ppl"] == runs[1]["ppl"]
+
+
+def test_seeds_probe_and_per_run_files(tmp_path, tiny_model_dir):
+    from test_probe import _write_probe
+
+    from gain_mlx.probe import load_probe, score
+
+    _write_probe(tmp_path / "probe.jsonl")
+    args = _args(tmp_path, tiny_model_dir, "--control", "none", "--methods", "gain-ffn,lora", "--lr", "gain-ffn=1e-2",
+                 "--lr", "lora=1e-3", "--seeds", "0,1", "--probe", str(tmp_path / "probe.jsonl"),
+                 "--probe-questions", "4")
+    results = sequential.run(args, log=lambda *a: None)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "gain-ffn_lr0.01_seed0.json", "gain-ffn_lr0.01_seed1.json", "lora_lr0.001_seed0.json", "lora_lr0.001_seed1.json"]
+    runs = {(r["method"], r["seed"]): r for r in results["sweep"]}
+    assert runs["lora", 0]["ppl"] != runs["lora", 1]["ppl"]  # the seed sets LoRA's init and the data order
+    model, tokenizer = load(str(tiny_model_dir))
+    assert results["probe_base"] == pytest.approx(score(model, load_probe(tmp_path / "probe.jsonl", tokenizer, 4)))
+    for r in results["sweep"]:
+        assert len(r["probe"]) == len(results["domains"]) and len(r["stage_seconds"]) == len(results["domains"])
+        assert r["summary"]["probe_acc"] == pytest.approx(r["probe"][-1]["acc_norm"] - results["probe_base"]["acc_norm"])
+    for row in results["aggregate"]:
+        pair = [runs[row["method"], s]["summary"] for s in (0, 1)]
+        assert row["seeds"] == [0, 1]
+        for key in ("in_domain", "forgetting", "probe_acc"):
+            assert row["summary"][key] == pytest.approx(np.mean([p[key] for p in pair]))
+            assert row["range"][key] == pytest.approx(sorted(p[key] for p in pair))
+    assert "| gain-ffn | 0.01 | 2 |" in (out / "results.md").read_text()
+    # resumable from the per-run files: nothing reruns, the base numbers come from base.json
+    again = sequential.run(args, log=lambda *a: None)
+    assert [r["finished"] for r in again["sweep"]] == [r["finished"] for r in results["sweep"]]

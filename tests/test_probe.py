@@ -1,0 +1,83 @@
+"""The definitions probe: its builder's parsing, and scoring against a one-sequence-at-a-time reference."""
+
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm import load
+
+from gain_mlx import probe as P
+from gain_mlx.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import make_probe  # noqa: E402
+
+GCIDE = r"""Dragnet \Drag"net`\, n. [Cf. AS. dr[ae]gnet.]
+   A net to be drawn along the bottom of a body of water, as in
+   fishing.
+
+Dragoman \Drag"o*man\, n.; pl. {Dragomans}. [From F. dragoman.]
+   An interpreter; -- so called in the Levant.
+
+dragon \drag"on\ (dr[a^]g"[u^]n), n. [F. dragon.]
+   1. (Myth.) A fabulous animal.
+
+Gallop \Gal"lop\, v. i. [F. galoper.]
+   To move or run in a series of leaps, as a horse.
+
+Quickly \Quick"ly\, adv.
+   Speedily; with haste or celerity.
+"""
+
+
+def test_entries_keep_one_sense_plain_definitions():
+    got = list(make_probe.entries(GCIDE))
+    assert got == [
+        ("dragnet", "noun", "A net to be drawn along the bottom of a body of water, as in fishing."),
+        ("gallop", "verb", "To move or run in a series of leaps, as a horse."),
+    ]  # Dragoman: plural note first; dragon: numbered senses; quickly: definition too short
+
+
+def _write_probe(path, n=6):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
+    defs = ["A thing that moves.", "Some kind of animal here.", "To run quickly away from home.",
+            "Very large and old.", "The sound of a bell at night."]
+    rows = []
+    for word in words[:n]:
+        choices = list(rng.choice(defs, 4, replace=False))
+        rows.append({"word": word, "pos": "noun", "choices": choices, "answer": int(rng.integers(4))})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _reference_ll(model, tokenizer, context, continuation):
+    ctx = tokenizer.encode(context)
+    seq = tokenizer.encode(context + continuation)
+    logp = nn.log_softmax(model(mx.array([seq[:-1]]))[0].astype(mx.float32), axis=-1)
+    return sum(logp[i - 1, seq[i]].item() for i in range(len(ctx), len(seq)))
+
+
+def test_score_matches_one_sequence_at_a_time(tmp_path, tiny_model_dir, monkeypatch):
+    rows = _write_probe(tmp_path / "probe.jsonl")
+    model, tokenizer = load(str(tiny_model_dir))
+    monkeypatch.setattr(P, "BATCH", 5)  # batches that split questions and pad unequal lengths
+    probe = P.load_probe(tmp_path / "probe.jsonl", tokenizer)
+    got = P.score(model, probe)
+    ll = np.array([[_reference_ll(model, tokenizer, f"Word: {r['word']}\nDefinition:", " " + c) for c in r["choices"]]
+                   for r in rows])
+    norm = ll / np.array([[len((" " + c).encode()) for c in r["choices"]] for r in rows])
+    answers = np.array([r["answer"] for r in rows])
+    assert got["questions"] == len(rows)
+    assert got["acc"] == pytest.approx(np.mean(ll.argmax(1) == answers))
+    assert got["acc_norm"] == pytest.approx(np.mean(norm.argmax(1) == answers))
+    assert got["answer_ll_per_byte"] == pytest.approx(np.mean(norm[np.arange(len(rows)), answers]), rel=1e-4)
+
+
+def test_missing_probe_names_the_builder(tmp_path):
+    with pytest.raises(UserError, match="python tools/make_probe.py"):
+        P.load_probe(tmp_path / "nope.jsonl", tokenizer=None)
