@@ -197,8 +197,8 @@ def cached_convert(gguf_path, dtype: str = "float32") -> Path:
     key = cache_key(gguf_path, dtype)
     out = root / key
     if not _complete(out):
-        root.mkdir(parents=True, exist_ok=True)
-        with _cache_lock(root / f".{key}.lock", gguf_path):
+        (root / "locks").mkdir(parents=True, exist_ok=True)  # lock files stay: removing one races
+        with _cache_lock(root / "locks" / f"{key}.lock", gguf_path):
             if not _complete(out):
                 _convert_into_cache(gguf_path, dtype, out)
                 return out
