@@ -264,10 +264,22 @@ def test_cache_replaces_an_unmarked_folder(gguf_file, tmp_path):
 
 
 def test_cache_concurrent_runs_convert_once(gguf_file, tmp_path):
+    """Runs that meet at the lock wait for each other (the test holds it first, as a
+    converting process would) and convert once."""
+    fcntl = pytest.importorskip("fcntl")
+    from gain_mlx.gguf.convert import cache_key
+
     env = {**ENV, "GAIN_MLX_CACHE": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", CACHED, str(gguf_file)], cwd=ROOT, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    locks = tmp_path / "gguf" / "locks"
+    locks.mkdir(parents=True)
+    with open(locks / f"{cache_key(gguf_file, 'float32')}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        procs = [subprocess.Popen([sys.executable, "-c", CACHED, str(gguf_file)], cwd=ROOT, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+        time.sleep(12)  # they start, find no conversion and wait at the lock
+        assert all(p.poll() is None for p in procs)
     results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    assert sum("waiting for another process" in err for _, err, _ in results) >= 2, results
     assert all(code == 0 for _, _, code in results), results
     assert len({out.strip() for out, _, _ in results}) == 1
     assert sum("] converting" in err for _, err, _ in results) == 1, results
