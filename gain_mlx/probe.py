@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, cli
 
 DEFAULT_PROBE = ".cache/corpora/probe/definitions.jsonl"
 PROBE_HINT = "python tools/make_probe.py"
@@ -83,3 +83,35 @@ def score(model, probe: Probe) -> dict:
         "answer_ll_per_byte": float(np.mean(norm[rows, probe.answers])),
         "questions": int(len(probe.answers)),
     }
+
+
+def build_parser():
+    import argparse
+
+    from .cpu import add_fast_blas_argument
+
+    p = argparse.ArgumentParser(prog="python -m gain_mlx.probe",
+                                description="Score the definitions probe on a model, with or without an adapter.")
+    p.add_argument("--model", help="model (default: the packaged SmolLM2-135M-Instruct); short names of gain_mlx.models work")
+    p.add_argument("--adapter-path", help="gain adapter folder to apply (default: none, the base)")
+    p.add_argument("--probe", default=DEFAULT_PROBE, help=f"probe .jsonl (default {DEFAULT_PROBE}; {PROBE_HINT})")
+    p.add_argument("--questions", type=int, help="score the first N questions (default: all)")
+    add_fast_blas_argument(p)
+    return p
+
+
+@cli
+def main(argv=None):
+    from .cpu import dequantize_model, ensure_fast_blas
+    from .generate import load
+
+    args = build_parser().parse_args(argv)
+    ensure_fast_blas(args.fast_blas)
+    model, tokenizer = load(args.model, args.adapter_path)
+    probe = load_probe(args.probe, tokenizer, args.questions)
+    result = score(dequantize_model(model), probe)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -81,3 +81,17 @@ def test_score_matches_one_sequence_at_a_time(tmp_path, tiny_model_dir, monkeypa
 def test_missing_probe_names_the_builder(tmp_path):
     with pytest.raises(UserError, match="python tools/make_probe.py"):
         P.load_probe(tmp_path / "nope.jsonl", tokenizer=None)
+
+
+def test_cli_prints_the_scores(tmp_path, tiny_model_dir):
+    import subprocess
+
+    _write_probe(tmp_path / "probe.jsonl")
+    r = subprocess.run([sys.executable, "-m", "gain_mlx.probe", "--model", str(tiny_model_dir), "--probe",
+                        str(tmp_path / "probe.jsonl"), "--questions", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    model, tokenizer = load(str(tiny_model_dir))
+    assert json.loads(r.stdout) == pytest.approx(P.score(model, P.load_probe(tmp_path / "probe.jsonl", tokenizer, 3)))
+    r = subprocess.run([sys.executable, "-m", "gain_mlx.probe", "--model", str(tiny_model_dir), "--probe",
+                        str(tmp_path / "none.jsonl")], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: probe ")
