@@ -79,9 +79,7 @@ def compare(base, out, factors, same_layout=True, requantized=()):
     """Check ``out`` against ``base`` with gguf-py; returns {tensor: relative error}."""
     a, b = GGUFReader(base), GGUFReader(out)
     if same_layout:
-        assert os.path.getsize(base) == os.path.getsize(out)
-        head = a.tensors[0].data_offset
-        assert np.array_equal(a.data[:head], b.data[:head])  # metadata + tensor table
+        same_header(a, b)
     new = {t.name: t for t in b.tensors}
     errors = {}
     for t in a.tensors:
@@ -98,6 +96,19 @@ def compare(base, out, factors, same_layout=True, requantized=()):
             outside = np.tile(~Q.field_mask(t.tensor_type), raw_a.shape[-1] // len(Q.field_mask(t.tensor_type)))
             assert np.array_equal(raw_a[..., outside], raw_b[..., outside]), t.name
     return errors
+
+
+def same_header(a, b):
+    """``b`` has ``a``'s metadata (plus gain_mlx.* keys), tensor table and data size."""
+    mine = {k for k in b.fields if not k.startswith(("GGUF.", "gain_mlx."))}
+    assert mine == {k for k in a.fields if not k.startswith(("GGUF.", "gain_mlx."))}
+    for k in mine:
+        assert b.get_field(k).contents() == a.get_field(k).contents(), k
+    for t, u in zip(a.tensors, b.tensors, strict=True):
+        assert (t.name, t.tensor_type, list(t.shape)) == (u.name, u.tensor_type, list(u.shape))
+        assert t.data_offset - a.data_offset == u.data_offset - b.data_offset, t.name
+    assert len(a.data) - a.data_offset == len(b.data) - b.data_offset
+    assert (b.data_offset - a.data_offset) % 4096 == 0  # data keep their page offset
 
 
 def leftovers(folder):
@@ -195,7 +206,7 @@ def test_refuse_suggests_tie_kv(gqa_untied, tmp_path):
 
 def test_requant_of_a_type_gguf_py_cannot_quantize_is_refused(gqa_untied, tmp_path):
     base, adapter, _ = gqa_untied
-    with pytest.raises(ExportError, match="cannot quantize Q4_K.*--fallback f16"):
+    with pytest.raises(ExportError, match="cannot quantize Q4_K.*--fallback auto"):
         export_gguf(base, adapter, tmp_path / "o.gguf", fallback="requant", log=lambda s: None)
     assert not (tmp_path / "o.gguf").exists() and not leftovers(tmp_path)
 
@@ -204,7 +215,7 @@ def test_requant_of_a_type_gguf_py_cannot_quantize_is_refused(gqa_untied, tmp_pa
 def test_f16_and_q8_0_rewrite_only_the_target(gqa_untied, tmp_path, fallback, new_type, tol):
     base, adapter, factors = gqa_untied
     out = tmp_path / "o.gguf"
-    export_gguf(base, adapter, out, fallback=fallback, log=lambda s: None)
+    export_gguf(base, adapter, out, fallback=fallback, metadata=False, log=lambda s: None)
     errors = compare(base, out, factors, same_layout=False)
     a, b = GGUFReader(base), GGUFReader(out)
     types = {t.name: t.tensor_type for t in b.tensors}
@@ -333,25 +344,35 @@ def test_float_target_takes_columns_exactly(tmp_path):
 # --- metadata -------------------------------------------------------------------------
 
 def test_metadata_adds_provenance_and_keeps_tensors(tmp_path):
+    """Provenance and fold history are written by default; --no-metadata keeps the
+    header byte-identical."""
     base = write_random_gguf(tmp_path / "base.gguf", tiny_for_gguf("llama", **SIZES), T.Q4_1)
     adapter = make_adapter(tmp_path / "adapter", tiny_for_gguf("llama", **SIZES))
-    export_gguf(base, adapter, tmp_path / "plain.gguf", log=lambda s: None)
-    export_gguf(base, adapter, tmp_path / "meta.gguf", metadata=True, log=lambda s: None)
+    export_gguf(base, adapter, tmp_path / "plain.gguf", metadata=False, log=lambda s: None)
+    export_gguf(base, adapter, tmp_path / "meta.gguf", log=lambda s: None)
     plain, meta, orig = GGUFReader(tmp_path / "plain.gguf"), GGUFReader(tmp_path / "meta.gguf"), GGUFReader(base)
     config = json.loads((adapter / "gain_config.json").read_text())
     assert meta.get_field("gain_mlx.variant").contents() == "gain-ffn"
     assert meta.get_field("gain_mlx.tie_kv").contents() is True
     assert meta.get_field("gain_mlx.targets").contents() == [t["path"] for t in config["targets"]]
     assert len(meta.get_field("gain_mlx.gains_sha256").contents()) == 64
+    assert meta.get_field("gain_mlx.adapter").contents() == "adapter"
+    assert meta.get_field("gain_mlx.history_version").contents() == 1
+    assert meta.get_field("gain_mlx.folds").contents() == 1
+    edits = meta.get_field("gain_mlx.edits").contents()
+    assert sorted(e.split()[0] for e in edits) == sorted(f"blk.{i}.{n}.weight" for i in range(2) for n in ("attn_v", "ffn_up"))
+    assert len(meta.get_field("gain_mlx.factors").contents()) == 2 * (2 * 64 + 512)  # V rows (2 KV heads x 64) + up rows
     assert not any(k.startswith("gain_mlx.") for k in plain.fields)
-    for k in orig.fields:  # every original key kept, same value
-        if not k.startswith("GGUF."):
-            assert meta.get_field(k).contents() == orig.get_field(k).contents(), k
+    assert (tmp_path / "plain.gguf").read_bytes()[:orig.data_offset] == base.read_bytes()[:orig.data_offset]
+    same_header(orig, meta)
     for t, u in zip(plain.tensors, meta.tensors):
         assert np.array_equal(np.asarray(t.data), np.asarray(u.data)), t.name
-    # exporting onto an exported file replaces the keys (GGUFReader rejects duplicates)
-    export_gguf(tmp_path / "meta.gguf", adapter, tmp_path / "twice.gguf", metadata=True, log=lambda s: None)
-    assert GGUFReader(tmp_path / "twice.gguf").get_field("gain_mlx.variant").contents() == "gain-ffn"
+    # exporting onto an exported file switches it: keys replaced, not duplicated
+    # (GGUFReader rejects duplicates), the fold counted
+    export_gguf(tmp_path / "meta.gguf", adapter, tmp_path / "twice.gguf", log=lambda s: None)
+    twice = GGUFReader(tmp_path / "twice.gguf")
+    assert twice.get_field("gain_mlx.variant").contents() == "gain-ffn"
+    assert twice.get_field("gain_mlx.folds").contents() == 2
 
 
 # --- bad input ------------------------------------------------------------------------
@@ -392,7 +413,8 @@ def test_output_is_never_overwritten_without_force_and_never_the_input(q4, tmp_p
     assert "is the input" in run_cli("--gguf", base, "--adapter-path", adapter, "--out", base, "--force")
     assert base.read_bytes() == before
     export_main(["--gguf", str(base), "--adapter-path", str(adapter), "--out", str(out), "--force"])
-    assert out.stat().st_size == base.stat().st_size and not leftovers(tmp_path)
+    same_header(GGUFReader(base), GGUFReader(out))
+    assert not leftovers(tmp_path)
 
 
 @pytest.mark.parametrize("key,value,words", [

@@ -1,26 +1,38 @@
 """Fold an adapter's gains into an existing GGUF file, keeping its quant types.
 
 ``gain_mlx.fold.plan_folds`` decides where each gain goes; here every fold step
-becomes the edit of one GGUF tensor:
+becomes the edit of one GGUF tensor, by one of these routes:
 
 - ``scales``: exact. The float scale fields of the affected rows change (or the
   elements of a float tensor); nothing else does.
 - ``requant``: dequantize, scale the columns, quantize back to the same type (same
   size, in place). Only where gguf-py can quantize that type.
-- ``f16`` / ``q8_0``: dequantize, scale, store the tensor in that type. The file is
-  rewritten: tensor offsets are recomputed, every other byte is kept.
+- ``f16`` / ``q8_0``: dequantize, scale, store the tensor in that type. Tensor
+  offsets after it are recomputed, every other byte is kept.
 
-The output is a copy of the input (or a streamed rewrite), patched through a
-read-write memmap one tensor at a time, written to a temp file next to the output
-and renamed at the end.
+``--fallback`` picks the route of a gain that has no exact fold: ``auto`` (default)
+takes the least lossy one per tensor (``auto_route``), ``refuse`` stops.
+
+The fold history (``gain_mlx.*`` keys: which tensor took which factor, by which
+route, and its type in the base) is written by default. Exporting onto such a file
+divides the earlier gains out before folding the new ones in: a deployed GGUF
+switches domains without its original base file, exact up to the rounding of the
+scale fields (``quants.scale_blocks(undo=...)`` recovers the base fields bit for
+bit where the earlier fold was invertible).
+
+The output is the input copied by the kernel (``copy_file_range``, reflink where the
+file system has it; the header is rewritten when keys change), patched in place
+through a read-write memmap one tensor at a time, checked on a sample of rows against
+gguf-py's dequantizer, and renamed over ``--out`` at the end.
 """
 
+import errno
 import hashlib
 import mmap
 import os
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -44,8 +56,10 @@ from .config import ARCHS, GGUF_ARCH
 from .header import GGUFFile
 from .weights import spellings
 
-FALLBACKS = ("requant", "f16", "q8_0", "refuse")
+FALLBACKS = ("auto", "requant", "f16", "q8_0", "refuse")
+DEFAULT_FALLBACK = "auto"
 CONVERT_TYPES = {"f16": T.F16, "q8_0": T.Q8_0}
+INVERTIBLE = ("scales", "f16")  # routes whose gains a later export can divide out
 # adapter size key -> GGUF "<arch>.<key>"
 SIZE_KEYS = {
     "num_layers": "block_count",
@@ -56,7 +70,11 @@ SIZE_KEYS = {
 # fused qkv, up half of a fused gate|up). gpt_neox's per-head qkv is not among them.
 GGUF_ROW_LAYOUTS = ("all", "v", "up")
 META_PREFIX = "gain_mlx."
+HISTORY_VERSION = 1
+PAD_KEY = META_PREFIX + "pad"
 CHECK_ROWS = 64  # rows per tensor compared against s * dequantize(original)
+MAX_EXACT_ERROR = 0.05  # a "scales" edit further off than this is a bug, not rounding
+PAGE = 4096  # data keep their offset modulo this: page-aligned copies, reflinks
 
 
 class ExportError(ValueError):
@@ -133,17 +151,23 @@ def _layout(reader: GGUFFile, table, targets) -> Optional[HeadLayout]:
     return HeadLayout(int(n_heads), int(n_kv), _cols(out) // int(n_heads))
 
 
-def _fingerprint(reader, table, targets) -> list:
-    """``gain_mlx.adapter.fingerprint`` computed from the GGUF's own target weights."""
+def _fingerprint(reader, table, targets, history=None) -> list:
+    """``gain_mlx.adapter.fingerprint`` computed from the GGUF's own target weights
+    (with gains an earlier export put on a target's columns divided back out)."""
     probes = []
     for t in targets:
         tensor = gguf_tensor(reader, table, t.path)
-        head = _raw(tensor).reshape(-1, _raw(tensor).shape[-1])[:PROBE_ROWS]
-        probes.extend(probe(Q.dequantize(head, tensor.tensor_type)))
+        raw = _raw(tensor)
+        head = Q.dequantize(raw.reshape(-1, raw.shape[-1])[:PROBE_ROWS], tensor.tensor_type)
+        record = (history or {}).get(tensor.name)
+        if record is not None:
+            g, r = np.divmod(np.arange(len(head)), raw.shape[1])
+            head = head / _spread(record.axis, record.factor, g, r)
+        probes.extend(probe(head))
     return probes
 
 
-def check_fit(reader, table, config: dict, targets, adapter_path) -> None:
+def check_fit(reader, table, config: dict, targets, adapter_path, history=None) -> None:
     """Raise ExportError unless the adapter was trained on the model in this GGUF."""
     arch = _field(reader, "general.architecture")
     mt = config.get("model_type")
@@ -163,7 +187,7 @@ def check_fit(reader, table, config: dict, targets, adapter_path) -> None:
     if missing:
         raise ExportError(f"the GGUF has no tensor for {missing[0]} (and {len(missing) - 1} more)")
     if config.get("fingerprint"):
-        cos = fingerprint_similarity(_fingerprint(reader, table, targets), config["fingerprint"])
+        cos = fingerprint_similarity(_fingerprint(reader, table, targets, history), config["fingerprint"])
         if cos < MIN_FINGERPRINT_COSINE:
             raise ExportError(
                 f"adapter {adapter_path} was trained on different base weights (fingerprint "
@@ -210,6 +234,23 @@ def _fused_v(reader, table, step: FoldStep) -> FoldStep:
     return FoldStep(step.target, block + ".qkv_proj", "rows", np.arange(rows - n, rows), step.factor)
 
 
+def auto_route(tensor) -> str:
+    """``--fallback auto``: the route of a gain with no exact fold into this tensor.
+
+    Requantizing a 2-6 bit type after scaling its columns re-rounds every weight:
+    it adds about as much error again as the original quantization (Q4_0/Q4_1 8e-2,
+    Q5_x 4e-2 relative with U(0.6, 1.4) gains, 2-3e-2 even with gains within 3% of
+    one), against 5e-3 for storing that one tensor as Q8_0. So Q8_0 tensors are
+    requantized (same size, same error as converting), every other type is rewritten
+    as Q8_0, and F16 where the rows do not split into Q8_0's 32-column blocks.
+    """
+    if tensor.tensor_type == T.Q8_0:
+        return "requant"
+    if _cols(tensor) % GGML_QUANT_SIZES[T.Q8_0][0] == 0:
+        return "q8_0"
+    return "f16"
+
+
 def _how(step: FoldStep, tensor, fallback: str) -> str:
     qtype = tensor.tensor_type
     if step.axis == "rows" and Q.rows_scalable(qtype, step.factor):
@@ -220,22 +261,32 @@ def _how(step: FoldStep, tensor, fallback: str) -> str:
     if fallback == "refuse":
         raise ExportError(
             f"{why} (untied attention gains with grouped KV heads, or a non-gated FFN); "
-            "retrain with --tie-kv, or pass --fallback requant|f16|q8_0"
+            "retrain with --tie-kv, or pass --fallback auto|requant|f16|q8_0"
         )
+    if fallback == "auto":
+        return auto_route(tensor)
     if fallback == "requant" and not Q.can_quantize(qtype):
         raise ExportError(
             f"{why} and gguf-py cannot quantize {qtype.name} to requantize it; "
-            "pass --fallback f16 or --fallback q8_0, or retrain with --tie-kv"
+            "pass --fallback auto, f16 or q8_0, or retrain with --tie-kv"
         )
     if fallback == "q8_0" and _cols(tensor) % GGML_QUANT_SIZES[T.Q8_0][0]:
         raise ExportError(f"{tensor.name}: {_cols(tensor)} columns do not fit Q8_0 blocks; pass --fallback f16")
     return fallback
 
 
-def plan_edits(reader, table, targets, gains, layout, fallback: str) -> list:
-    """The fold plan as GGUF tensor edits (producer biases included)."""
+def plan_edits(reader, table, targets, gains, layout, fallback: str, base_types=None) -> list:
+    """The fold plan as GGUF tensor edits (producer biases included).
+
+    ``base_types``: ``{tensor name: ggml type in the original base}`` for tensors an
+    earlier export converted; the plan is made as for the base (where a gain goes must
+    not depend on the history), the route on the tensor as it is now.
+    """
+    base_types = base_types or {}
+
     def is_quantized(path):
-        return gguf_tensor(reader, table, path).tensor_type not in Q.FLOAT_TYPES
+        tensor = gguf_tensor(reader, table, path)
+        return base_types.get(tensor.name, tensor.tensor_type) not in Q.FLOAT_TYPES
 
     by_path = {t.path: t for t in targets}
     edits = []
@@ -252,7 +303,7 @@ def plan_edits(reader, table, targets, gains, layout, fallback: str) -> list:
     return edits
 
 
-# --- executing edits ----------------------------------------------------------------
+# --- per-tensor operations: the new gains, the old ones divided out ------------------
 
 def _factors(edit: Edit, tensor):
     """(row factor (G, rows) or None, column factor (G, cols) or None) of an edit."""
@@ -273,41 +324,99 @@ def _factors(edit: Edit, tensor):
     return full, None
 
 
-def _scaled(values: np.ndarray, groups_idx, rows_idx, row_f, col_f) -> np.ndarray:
-    """values (k, cols) of rows (groups_idx, rows_idx), times the edit's factors."""
-    if row_f is not None:
-        return values * row_f[groups_idx, rows_idx][:, None]
-    return values * col_f[groups_idx]
+def _axis_len(tensor, axis: str) -> tuple:
+    """(G, n): the shape of a full factor of ``tensor`` along ``axis``."""
+    groups, rows, _ = _raw(tensor).shape
+    return (groups, rows) if axis == "rows" else (groups if axis == "columns" else 1, _cols(tensor))
 
 
-def apply_edit(edit: Edit, tensor) -> None:
-    """Apply an in-place edit ("scales" or "requant") to a writable tensor view."""
+@dataclass
+class Op:
+    """Everything this export does to one tensor.
+
+    ``new``: the factor folded in now, ``old``: the factor an earlier export folded in,
+    divided out first (both full ``(G, n)`` along ``axis``, or None). ``axis``: "rows",
+    "columns", or "elements" (a 1-D bias). ``base_type``: the tensor's type in the
+    original base (the file's history), kept across switches.
+    """
+
+    tensor: str
+    axis: str
+    how: str
+    new: Optional[np.ndarray] = None
+    old: Optional[np.ndarray] = None
+    targets: tuple = ()
+    base_type: str = ""
+
+    def ratio(self) -> np.ndarray:
+        new = self.new if self.new is not None else np.ones_like(self.old)
+        return new if self.old is None else new / self.old
+
+
+def build_ops(edits, tensors, history: Optional[dict] = None) -> dict:
+    """``{tensor name: Op}`` from the fold plan's edits and the file's fold history."""
+    ops = {}
+    for e in edits:
+        t = tensors[e.tensor]
+        row_f, col_f = _factors(e, t)
+        axis = "elements" if t.name.endswith(".bias") else e.step.axis
+        f = row_f if row_f is not None else col_f
+        op = ops.get(e.tensor)
+        if op is None:
+            ops[e.tensor] = Op(e.tensor, axis, e.how, np.array(f, dtype=np.float64), None, (e.step.target,),
+                               t.tensor_type.name)
+        elif op.axis == axis and op.how == e.how:
+            op.new = op.new * f
+            op.targets += (e.step.target,)
+        else:
+            raise ExportError(f"{e.tensor}: two gains fold into it along different axes or routes")
+    for name, record in (history or {}).items():
+        op = ops.get(name)
+        if op is None:
+            ops[name] = Op(name, record.axis, "scales", None, record.factor, (), record.base_type)
+        elif op.axis != record.axis:
+            raise ExportError(
+                f"{name}: the earlier export folded gains into its {record.axis}, this one needs its "
+                f"{op.axis}; export from the original base GGUF"
+            )
+        else:
+            op.old, op.base_type = record.factor, record.base_type
+    return ops
+
+
+def _spread(axis: str, factor: np.ndarray, groups_idx, rows_idx) -> np.ndarray:
+    """A full factor as a multiplier of values ``(k, cols)`` of rows ``(groups_idx, rows_idx)``."""
+    if axis == "rows":
+        return factor[groups_idx, rows_idx][:, None]
+    return factor[groups_idx if factor.shape[0] > 1 else np.zeros_like(groups_idx)]
+
+
+def apply_op(op: Op, tensor) -> None:
+    """Apply an in-place op ("scales" or "requant") to a writable tensor view."""
     raw = _raw(tensor)
     qtype = tensor.tensor_type
-    row_f, col_f = _factors(edit, tensor)
-    if tensor.name.endswith(".bias"):
-        Q.scale_columns_exact(raw, qtype, row_f)
-    elif edit.how == "scales" and row_f is not None:
-        Q.scale_rows(raw, qtype, row_f)
-    elif edit.how == "scales":
-        Q.scale_columns_exact(raw, qtype, col_f)
-    elif edit.how == "requant":
-        raw[...] = _rescaled_bytes(raw, qtype, row_f, col_f, qtype).reshape(raw.shape)
+    new = op.new if op.new is not None else np.ones_like(op.old)
+    if op.how == "scales" and op.axis == "rows":
+        Q.scale_rows(raw, qtype, new, op.old)
+    elif op.how == "scales":
+        Q.scale_columns_exact(raw, qtype, new, op.old)
+    elif op.how == "requant":
+        raw[...] = _rescaled_bytes(raw, qtype, op, qtype).reshape(raw.shape)
     else:
-        raise AssertionError(edit.how)
+        raise AssertionError(op.how)
 
 
-def _rescaled_bytes(raw, qtype, row_f, col_f, new_type) -> np.ndarray:
+def _rescaled_bytes(raw, qtype, op: Op, new_type) -> np.ndarray:
     groups, rows, _ = raw.shape
     values = Q.dequantize(raw.reshape(groups * rows, -1), qtype)
     g, r = np.divmod(np.arange(groups * rows), rows)
-    return Q.quantize(_scaled(values, g, r, row_f, col_f), new_type)
+    values = values * _spread(op.axis, op.ratio().astype(np.float32), g, r)  # never in place: may be a view
+    return Q.quantize(values, new_type)
 
 
-def converted_bytes(edit: Edit, tensor) -> np.ndarray:
-    """The tensor's new bytes for an "f16"/"q8_0" edit."""
-    row_f, col_f = _factors(edit, tensor)
-    return _rescaled_bytes(_raw(tensor), tensor.tensor_type, row_f, col_f, CONVERT_TYPES[edit.how])
+def converted_bytes(op: Op, tensor) -> np.ndarray:
+    """The tensor's new bytes for an "f16"/"q8_0" op."""
+    return _rescaled_bytes(_raw(tensor), tensor.tensor_type, op, CONVERT_TYPES[op.how])
 
 
 def _release(reader: GGUFFile, tensor) -> None:
@@ -324,45 +433,43 @@ def _norm(x: np.ndarray) -> float:
     return float(np.sqrt(np.square(x, dtype=np.float64).sum()))  # no BLAS threads
 
 
-def measure(src: GGUFFile, out: GGUFFile, edits, check_rows: int = CHECK_ROWS) -> list:
-    """Per edited tensor: relative error of its new values against ``s * dequantize(old)``
-    on up to ``check_rows`` evenly spaced rows (gguf-py's dequantizer, independently)."""
-    old, new = src.by_name, out.by_name
+def measure(src: GGUFFile, out: GGUFFile, ops: dict, check_rows: int = CHECK_ROWS) -> list:
+    """Per edited tensor: relative error of its new values against ``ratio *
+    dequantize(old)`` (ratio = new gains / gains divided out) on up to ``check_rows``
+    evenly spaced rows, with gguf-py's dequantizer, independently of the edit code.
+    ``check_rows=0``: no check (``rel_err`` None)."""
     report = []
-    for name in dict.fromkeys(e.tensor for e in edits):
-        mine = [e for e in edits if e.tensor == name]
-        a, b = old[name], new[name]
-        ra, rb = _raw(a), _raw(b)
-        groups, rows, _ = ra.shape
-        is_bias = name.endswith(".bias")
-        if is_bias:
-            values = Q.dequantize(ra.reshape(groups, -1), a.tensor_type)
-            got = Q.dequantize(rb.reshape(groups, -1), b.tensor_type)
-            expected = values
-            for e in mine:
-                expected = expected * _factors(e, a)[0]
-        else:
-            flat = np.unique(np.linspace(0, groups * rows - 1, min(check_rows, groups * rows)).astype(int))
+    for name, op in ops.items():
+        a, b = src.by_name[name], out.by_name[name]
+        err = None
+        if check_rows > 0:
+            ra, rb = _raw(a), _raw(b)
+            groups, rows, _ = ra.shape
+            if op.axis == "elements":
+                flat = np.arange(groups * rows)
+            else:
+                flat = np.unique(np.linspace(0, groups * rows - 1, min(check_rows, groups * rows)).astype(int))
             g, r = np.divmod(flat, rows)
             expected = Q.dequantize(ra.reshape(groups * rows, -1)[flat], a.tensor_type)
-            for e in mine:
-                expected = _scaled(expected, g, r, *_factors(e, a))
+            expected = expected * _spread(op.axis, op.ratio(), g, r)
             got = Q.dequantize(rb.reshape(groups * rows, -1)[flat], b.tensor_type)
-        err = _norm(got - expected) / (_norm(expected) + 1e-30)
-        _release(src, a)
-        _release(out, b)
+            err = _norm(got - expected) / (_norm(expected) + 1e-30)
+            _release(src, a)
+            _release(out, b)
         report.append({
             "tensor": name,
             "type": a.tensor_type.name if a.tensor_type == b.tensor_type else f"{a.tensor_type.name}->{b.tensor_type.name}",
-            "axis": mine[0].step.axis,
-            "how": mine[0].how,
-            "targets": [e.step.target for e in mine],
+            "axis": op.axis,
+            "how": op.how,
+            "targets": list(op.targets),
+            "undo": op.old is not None,
             "rel_err": err,
+            "bytes": b.n_bytes - a.n_bytes,
         })
     return report
 
 
-# --- rewriting the file (type changes, metadata) ------------------------------------
+# --- GGUF key/value records ---------------------------------------------------------
 
 def _u64(n: int) -> bytes:
     return struct.pack("<Q", n)
@@ -378,29 +485,262 @@ def _gguf_str(s: str) -> bytes:
 
 
 def encode_kv(key: str, value) -> bytes:
-    """One GGUF key/value record (string, bool, or list of strings)."""
+    """One GGUF key/value record: string, bool, uint32, list of strings, or a float32
+    numpy array."""
     if isinstance(value, bool):
         body = _u32(GGUFValueType.BOOL) + struct.pack("<?", value)
+    elif isinstance(value, int):
+        body = _u32(GGUFValueType.UINT32) + _u32(value)
     elif isinstance(value, str):
         body = _u32(GGUFValueType.STRING) + _gguf_str(value)
+    elif isinstance(value, np.ndarray):
+        data = np.ascontiguousarray(value, dtype="<f4").reshape(-1)
+        body = _u32(GGUFValueType.ARRAY) + _u32(GGUFValueType.FLOAT32) + _u64(len(data)) + data.tobytes()
     else:
         body = _u32(GGUFValueType.ARRAY) + _u32(GGUFValueType.STRING) + _u64(len(value))
         body += b"".join(_gguf_str(v) for v in value)
     return _gguf_str(key) + body
 
 
+def _array_field(reader: GGUFFile, key: str, item_type):
+    """(count, payload offset into the record's bytes, record bytes) of an array key of
+    ``item_type``; the fast header parser keeps neither string arrays nor numpy views."""
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    buf = bytes(reader.data[f.offset:f.end])
+    (n,) = struct.unpack_from("<Q", buf, 0)
+    vtype, itype, count = struct.unpack_from("<IIQ", buf, 8 + n)
+    if vtype != GGUFValueType.ARRAY or itype != item_type:
+        raise ExportError(f"GGUF key {key} has an unexpected type")
+    return count, 8 + n + 16, buf
+
+
+def string_array(reader: GGUFFile, key: str) -> Optional[list]:
+    found = _array_field(reader, key, GGUFValueType.STRING)
+    if found is None:
+        return None
+    count, off, buf = found
+    out = []
+    for _ in range(count):
+        (n,) = struct.unpack_from("<Q", buf, off)
+        out.append(buf[off + 8:off + 8 + n].decode("utf-8"))
+        off += 8 + n
+    return out
+
+
+def f32_array(reader: GGUFFile, key: str) -> Optional[np.ndarray]:
+    found = _array_field(reader, key, GGUFValueType.FLOAT32)
+    if found is None:
+        return None
+    count, off, buf = found
+    return np.frombuffer(buf, "<f4", count, off)
+
+
+# --- the fold history ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Record:
+    """What an earlier export did to one tensor: ``factor`` (G, n) along ``axis``, by
+    ``how``; ``base_type``: the tensor's ggml type in the original base."""
+
+    tensor: str
+    axis: str
+    how: str
+    base_type: str
+    factor: np.ndarray
+
+
+def read_history(reader: GGUFFile, path) -> Optional[dict]:
+    """``{tensor: Record}`` of a file exported earlier, None for a file without
+    ``gain_mlx.*`` keys (a base). Raises ExportError when the history is unknown or
+    does not fit the file, and when an earlier route cannot be undone."""
+    if not any(k.startswith(META_PREFIX) for k in reader.fields):
+        return None
+    version = reader.value(META_PREFIX + "history_version")
+    if version is None:
+        raise ExportError(
+            f"{path} has {META_PREFIX}* keys but no fold history (written by an older gain_mlx or "
+            "edited by hand): its gains cannot be divided out; export from the original base GGUF"
+        )
+    if version != HISTORY_VERSION:
+        raise ExportError(
+            f"{path}: fold history version {version} is unknown to this gain_mlx "
+            f"(reads {HISTORY_VERSION}); upgrade gain_mlx, or export from the original base GGUF"
+        )
+    lines, factors = string_array(reader, META_PREFIX + "edits"), f32_array(reader, META_PREFIX + "factors")
+    if lines is None or factors is None:
+        raise ExportError(f"{path}: the fold history is incomplete; export from the original base GGUF")
+    history, off = {}, 0
+    for line in lines:
+        try:
+            name, axis, how, base_type, g, n = line.split()
+            g, n = int(g), int(n)
+        except ValueError:
+            raise ExportError(f"{path}: unreadable fold history entry {line!r}; export from the original base GGUF") from None
+        factor = np.asarray(factors[off:off + g * n], dtype=np.float64).reshape(g, n)
+        off += g * n
+        history[name] = Record(name, axis, how, base_type, factor)
+    if off != len(factors):
+        raise ExportError(f"{path}: the fold history does not add up; export from the original base GGUF")
+    _check_history(reader, path, history)
+    return history
+
+
+def _check_history(reader, path, history: dict) -> None:
+    for r in history.values():
+        t = reader.by_name.get(r.tensor)
+        why = None
+        if t is None:
+            why = "is not in the file"
+        elif r.how not in INVERTIBLE:
+            what = {"q8_0": "rewritten as Q8_0", "requant": f"requantized to {r.base_type}"}.get(r.how, r.how)
+            raise ExportError(
+                f"{path}: {r.tensor} was {what} when its gains were folded in (--fallback {r.how}); that "
+                "cannot be divided back out: export from the original base GGUF (with --fallback f16, or an "
+                "adapter trained with --tie-kv, the result can switch domains later)"
+            )
+        elif r.base_type not in T.__members__ or r.axis not in ("rows", "columns", "elements"):
+            why = f"has an unknown type or axis ({r.base_type} {r.axis})"
+        elif (r.how == "scales" and t.tensor_type.name != r.base_type) or (r.how == "f16" and t.tensor_type != T.F16):
+            why = f"is {t.tensor_type.name}, its history says {r.base_type} ({r.how})"
+        elif r.factor.shape != _axis_len(t, r.axis):
+            why = f"does not fit its recorded factor {r.factor.shape}"
+        elif not (np.all(np.isfinite(r.factor)) and np.all(r.factor != 0)):
+            why = "has a recorded factor that is zero or not finite"
+        if why:
+            raise ExportError(
+                f"{path}: fold history does not match the file: {r.tensor} {why} "
+                "(changed after its export?); export from the original base GGUF"
+            )
+
+
+def new_history(ops: dict, src_tensors) -> list:
+    """Records of the output: per op, the factor folded in now and the route by which
+    the tensor differs from the base. A tensor back to its base state is dropped."""
+    out = []
+    for name, op in ops.items():
+        how = op.how
+        if how == "scales" and src_tensors[name].tensor_type.name != op.base_type:
+            how = "f16"  # converted by an earlier export and still F16
+        if how == "scales" and op.new is None:
+            continue
+        factor = op.new if op.new is not None else np.ones_like(op.old)
+        out.append(Record(name, op.axis, how, op.base_type, factor))
+    return out
+
+
+def provenance(config: dict, stored: dict, ops: dict, src_tensors, fallback: str,
+               adapter_name: str = "", folds: int = 1) -> list:
+    """The ``gain_mlx.*`` records an export writes (unless ``--no-metadata``): what was
+    folded in, and the fold history that lets a later export divide it out."""
+    h = hashlib.sha256()
+    for k in sorted(stored):
+        h.update(k.encode() + np.ascontiguousarray(stored[k], dtype="<f4").tobytes())
+    records = new_history(ops, src_tensors)
+    factors = np.concatenate([r.factor.reshape(-1) for r in records]) if records else np.zeros(0)
+    return [
+        encode_kv(META_PREFIX + "variant", str(config.get("variant"))),
+        encode_kv(META_PREFIX + "tie_kv", bool(config.get("tie_kv"))),
+        encode_kv(META_PREFIX + "targets", [t["path"] for t in config["targets"]]),
+        encode_kv(META_PREFIX + "gains_sha256", h.hexdigest()),
+        encode_kv(META_PREFIX + "adapter", adapter_name),
+        encode_kv(META_PREFIX + "fallback", fallback),
+        encode_kv(META_PREFIX + "folds", int(folds)),
+        encode_kv(META_PREFIX + "fold", [f"{op.tensor} {op.axis} {op.how}" for op in ops.values() if op.new is not None]),
+        encode_kv(META_PREFIX + "history_version", HISTORY_VERSION),
+        encode_kv(META_PREFIX + "edits", [
+            f"{r.tensor} {r.axis} {r.how} {r.base_type} {r.factor.shape[0]} {r.factor.shape[1]}" for r in records
+        ]),
+        encode_kv(META_PREFIX + "factors", factors),
+    ]
+
+
+# --- writing the file ---------------------------------------------------------------
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP,
+                   errno.EPERM, errno.EBADF, errno.ETXTBSY}
+
+
+def _copy_chunk(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int) -> None:
+    """Copy bytes between files without passing them through Python where the kernel
+    can: copy_file_range (a reflink on btrfs/XFS when block-aligned), then sendfile,
+    then plain reads and writes."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < count:
+                n = os.copy_file_range(src_fd, dst_fd, count - done, src_off + done, dst_off + done)
+                if n == 0:
+                    raise ExportError("the input GGUF ended while copying it (truncated while read?)")
+                done += n
+            return
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+    if hasattr(os, "sendfile") and os.uname().sysname == "Linux":
+        try:
+            os.lseek(dst_fd, dst_off + done, os.SEEK_SET)
+            while done < count:
+                n = os.sendfile(dst_fd, src_fd, src_off + done, count - done)
+                if n == 0:
+                    raise ExportError("the input GGUF ended while copying it (truncated while read?)")
+                done += n
+            return
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+    while done < count:
+        chunk = os.pread(src_fd, min(count - done, 16 << 20), src_off + done)
+        if not chunk:
+            raise ExportError("the input GGUF ended while copying it (truncated while read?)")
+        _pwrite_all(dst_fd, chunk, dst_off + done)
+        done += len(chunk)
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int) -> None:
+    """``_copy_chunk``, split at the first page boundary when source and destination are
+    congruent modulo the page size, so that the rest is block-aligned (reflinkable)."""
+    head = min(count, (-src_off) % PAGE) if (src_off - dst_off) % PAGE == 0 else 0
+    if head:
+        _copy_chunk(src_fd, dst_fd, src_off, dst_off, head)
+    if count - head:
+        _copy_chunk(src_fd, dst_fd, src_off + head, dst_off + head, count - head)
+
+
 def _align(n: int, alignment: int) -> int:
     return -(-n // alignment) * alignment
 
 
+def _pad_record(header_len: int, want_mod: int, alignment: int) -> bytes:
+    """A ``gain_mlx.pad`` string record that makes the data section start at an offset
+    congruent to ``want_mod`` modulo PAGE (empty when the alignment does not allow it)."""
+    if PAGE % alignment or want_mod % alignment:
+        return b""
+    empty = len(encode_kv(PAD_KEY, ""))
+    start = header_len + empty
+    target = start + (want_mod - start) % PAGE
+    return encode_kv(PAD_KEY, " " * (target - start))
+
+
 def rewrite(reader: GGUFFile, path, replace: dict, drop=lambda key: False, add_kv=()) -> None:
     """Write ``reader``'s file to ``path`` with some tensors replaced and some metadata
-    dropped / added; everything else is copied byte for byte.
+    dropped / added; everything else is copied byte for byte (by the kernel).
 
     replace: ``{tensor name: (new ggml type, function returning the new bytes)}``, each
-    called once, in file order (one tensor in memory at a time).
+    called once, in file order (one tensor in memory at a time). With ``add_kv``, a
+    padding key keeps the data section's offset modulo the page size.
     """
-    kept = [f for f in reader.fields.values() if not drop(f.name)]
+    src_path = reader.data.filename
+    kept = [f for f in reader.fields.values() if not drop(f.name) and f.name != PAD_KEY]
+    unchanged = not replace and not add_kv and len(kept) == len(reader.fields)
     mem = reader.data
     types = {t.name: replace[t.name][0] if t.name in replace else t.tensor_type for t in reader.tensors}
     offsets, off = {}, 0
@@ -408,40 +748,52 @@ def rewrite(reader: GGUFFile, path, replace: dict, drop=lambda key: False, add_k
         block, size = GGML_QUANT_SIZES[types[t.name]]
         offsets[t.name] = off
         off = _align(off + t.n_elements // block * size, reader.alignment)
-    with open(path, "wb") as f:
-        f.write(bytes(mem[:8]))  # magic, version
-        f.write(_u64(len(reader.tensors)) + _u64(len(kept) + len(add_kv)))
-        for field in kept:
-            f.write(bytes(mem[field.offset:field.end]))
-        for record in add_kv:
-            f.write(record)
+    data_len = off
+    records = [bytes(mem[f.offset:f.end]) for f in kept] + list(add_kv)
+    infos = b"".join(
+        _gguf_str(t.name) + _u32(len(t.shape)) + b"".join(_u64(d) for d in t.shape)
+        + _u32(types[t.name]) + _u64(offsets[t.name])
+        for t in reader.tensors
+    )
+
+    def header(records):
+        return bytes(mem[:8]) + _u64(len(reader.tensors)) + _u64(len(records)) + b"".join(records) + infos
+
+    if add_kv:
+        pad = _pad_record(len(header(records)), reader.data_start % PAGE, reader.alignment)
+        if pad:
+            records.append(pad)
+    head = header(records)
+    start = _align(len(head), reader.alignment)
+    src_size = len(mem)
+    with open(src_path, "rb") as fin, open(path, "wb") as fout:
+        src_fd, dst_fd = fin.fileno(), fout.fileno()
+        if unchanged:  # the whole file, header included
+            copy_range(src_fd, dst_fd, 0, 0, src_size)
+            return
+        os.pwrite(dst_fd, head + b"\0" * (start - len(head)), 0)
+        if not replace:  # one shift for the whole data section, to the end of the file
+            copy_range(src_fd, dst_fd, reader.data_start, start, src_size - reader.data_start)
+            return
+        # runs of tensors that keep their relative place are copied in one call each
+        run = None  # (source offset, destination offset, length)
         for t in reader.tensors:
-            f.write(_gguf_str(t.name) + _u32(len(t.shape)) + b"".join(_u64(d) for d in t.shape))
-            f.write(_u32(types[t.name]) + _u64(offsets[t.name]))
-        start = _align(f.tell(), reader.alignment)
-        for t in reader.tensors:
-            f.write(b"\0" * (start + offsets[t.name] - f.tell()))
+            dst = start + offsets[t.name]
             if t.name in replace:
-                f.write(np.ascontiguousarray(replace[t.name][1]()).tobytes())
+                if run:
+                    copy_range(src_fd, dst_fd, *run)
+                    run = None
+                _pwrite_all(dst_fd, np.ascontiguousarray(replace[t.name][1]()).reshape(-1), dst)
+                continue
+            if run and t.data_offset - run[0] == dst - run[1]:  # same shift: one copy
+                run = (run[0], run[1], t.data_offset + t.n_bytes - run[0])
             else:
-                f.write(memoryview(mem[t.data_offset:t.data_offset + t.n_bytes]))
-                _release(reader, t)
-        f.write(b"\0" * (_align(f.tell() - start, reader.alignment) + start - f.tell()))
-
-
-def provenance(config: dict, stored: dict, edits, fallback: str) -> list:
-    """The ``gain_mlx.*`` metadata records that ``--metadata`` adds."""
-    h = hashlib.sha256()
-    for k in sorted(stored):
-        h.update(k.encode() + np.ascontiguousarray(stored[k], dtype="<f4").tobytes())
-    return [
-        encode_kv(META_PREFIX + "variant", str(config.get("variant"))),
-        encode_kv(META_PREFIX + "tie_kv", bool(config.get("tie_kv"))),
-        encode_kv(META_PREFIX + "targets", [t["path"] for t in config["targets"]]),
-        encode_kv(META_PREFIX + "gains_sha256", h.hexdigest()),
-        encode_kv(META_PREFIX + "fallback", fallback),
-        encode_kv(META_PREFIX + "fold", [f"{e.tensor} {e.step.axis} {e.how}" for e in edits]),
-    ]
+                if run:
+                    copy_range(src_fd, dst_fd, *run)
+                run = (t.data_offset, dst, t.n_bytes)
+        if run:
+            copy_range(src_fd, dst_fd, *run)
+        fout.truncate(start + data_len)
 
 
 # --- the export ---------------------------------------------------------------------
@@ -470,94 +822,166 @@ def _check_paths(gguf_path: Path, out_path: Path, force: bool) -> None:
         raise ExportError(f"output folder {out_path.parent} does not exist")
 
 
-def format_report(report: list) -> str:
-    """The plan as executed: one line per edited tensor, then a summary."""
-    lines = [f"{'tensor':28s} {'type':10s} {'axis':8s} {'how':8s} {'rel.err':>8s}  gain of"]
+HOW_WORDS = {"scales": "exact (scale fields)", "requant": "requantized", "f16": "rewritten as F16",
+             "q8_0": "rewritten as Q8_0"}
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:.1f} KiB" if abs(n) >= 2**10 else f"{n} B"
+
+
+def format_report(report: list, sizes: Optional[tuple] = None) -> str:
+    """The plan as executed: one line per edited tensor, then a summary of the routes,
+    the largest error and (``sizes`` = input, output bytes) the file-size change."""
+    lines = [f"{'tensor':28s} {'type':12s} {'axis':8s} {'how':8s} {'rel.err':>8s}  gain of"]
     for r in report:
-        lines.append(
-            f"{r['tensor']:28s} {r['type']:10s} {r['axis']:8s} {r['how']:8s} {r['rel_err']:8.1e}  "
-            + ", ".join(r["targets"])
-        )
+        err = "-" if r["rel_err"] is None else f"{r['rel_err']:8.1e}"
+        gains = ", ".join(r["targets"]) or "(earlier gains divided out)"
+        lines.append(f"{r['tensor']:28s} {r['type']:12s} {r['axis']:8s} {r['how']:8s} {err:>8s}  {gains}")
     counts = {}
     for r in report:
         counts[r["how"]] = counts.get(r["how"], 0) + 1
-    worst = max((r["rel_err"] for r in report), default=0.0)
-    lines.append(
-        f"{len(report)} tensors edited ("
-        + ", ".join(f"{n} {HOW_WORDS[h]}" for h, n in counts.items())
-        + f"); largest relative error vs s * dequantize(original): {worst:.1e}"
-    )
-    if "requant" in counts:
-        lines.append("requantizing adds fresh quantization error: --fallback f16 / q8_0, or "
-                     "training with --tie-kv (exact V-row folds), avoid it")
+    checked = [r["rel_err"] for r in report if r["rel_err"] is not None]
+    summary = f"{len(report)} tensors edited (" + ", ".join(f"{n} {HOW_WORDS[h]}" for h, n in counts.items()) + ")"
+    if checked:
+        summary += f"; largest relative error vs s * dequantize(original): {max(checked):.1e}"
+    lines.append(summary)
+    for how in ("requant", "q8_0", "f16"):
+        rows = [r for r in report if r["how"] == how]
+        if rows:
+            worst = max((r["rel_err"] for r in rows if r["rel_err"] is not None), default=float("nan"))
+            lines.append(
+                f"{HOW_WORDS[how]}: {len(rows)} tensors with no exact fold, up to {worst:.1e} relative error, "
+                f"{_size(sum(r['bytes'] for r in rows)):s} more; an adapter trained with --tie-kv "
+                "(the default on GQA GGUF / quantized bases) folds exactly"
+            )
+    if sizes:
+        before, after = sizes
+        tensors = sum(r["bytes"] for r in report)
+        lines.append(
+            f"file size {_size(before)} -> {_size(after)} ({after - before:+,d} bytes: tensors {tensors:+,d}, "
+            f"header {after - before - tensors:+,d})"
+        )
     return "\n".join(lines)
 
 
-HOW_WORDS = {"scales": "exact (scale fields)", "requant": "requantized", "f16": "rewritten as F16",
-             "q8_0": "rewritten as Q8_0"}
+class _Reroute(Exception):
+    """A scale field would overflow: under --fallback auto, send this tensor another way."""
+
+    def __init__(self, tensor: str, why: str):
+        super().__init__(why)
+        self.tensor = tensor
 
 
 def export_gguf(
     gguf_path,
     adapter_path,
     out_path,
-    fallback: str = "requant",
-    metadata: bool = False,
+    fallback: str = DEFAULT_FALLBACK,
+    metadata: bool = True,
     force: bool = False,
     check_rows: int = CHECK_ROWS,
     log: Callable[[str], None] = print,
+    fsync: bool = False,
 ) -> list:
     """Write ``out_path``: the GGUF at ``gguf_path`` with the adapter's gains folded in.
 
-    Returns the per-tensor report (``measure``). Raises ExportError (one line) on bad
-    input, leaving nothing behind.
+    A ``gguf_path`` exported earlier (with its fold history) is switched: its gains are
+    divided out first. ``metadata``: write the fold history (needed to switch again).
+    ``check_rows``: rows per tensor verified after patching (0: none). ``fsync``: flush
+    the output to disk before the rename. Returns the per-tensor report (``measure``).
+    Raises ExportError (one line) on bad input, leaving nothing behind and an existing
+    ``out_path`` untouched.
     """
     gguf_path, out_path = Path(gguf_path), Path(out_path)
     if fallback not in FALLBACKS:
         raise ExportError(f"unknown --fallback {fallback!r} (choose from {', '.join(FALLBACKS)})")
+    if check_rows < 0:
+        raise ExportError(f"--check-rows must be >= 0, not {check_rows}")
     _check_paths(gguf_path, out_path, force)
     try:
         config, stored = read_adapter(adapter_path)
     except AdapterError as e:
         raise ExportError(str(e)) from None
     src = _open(gguf_path)
-    if any(k.startswith(META_PREFIX) for k in src.fields):
-        log(f"note: {gguf_path} already has {META_PREFIX}* keys: gains were folded into it before; "
-            "they are applied again on top")
+    history = read_history(src, gguf_path)
     table = tensor_name_map(src)
     targets = targets_from_config(config)
-    check_fit(src, table, config, targets, adapter_path)
+    check_fit(src, table, config, targets, adapter_path, history)
     layout = _layout(src, table, targets)
-    edits = plan_edits(src, table, targets, full_gains(targets, stored, layout), layout, fallback)
-    tensors = src.by_name
-    converted = {e.tensor: e for e in edits if e.how in CONVERT_TYPES}
-    add_kv = provenance(config, stored, edits, fallback) if metadata else ()
+    gains = full_gains(targets, stored, layout)
+    adapter_name = Path(adapter_path).resolve().name
+    if history is not None:
+        before = src.value(META_PREFIX + "adapter") or "?"
+        folds = int(src.value(META_PREFIX + "folds") or 1)
+        log(f"{gguf_path.name} holds the gains of '{before}' (fold {folds} since the base): dividing them out "
+            f"and folding in '{adapter_name}'")
+    else:
+        folds = 0
+    base_types = {n: T[r.base_type] for n, r in (history or {}).items()}
+    forced = {}
+    while True:
+        edits = plan_edits(src, table, targets, gains, layout, fallback, base_types)
+        edits = [Edit(e.tensor, e.step, forced.get(e.tensor, e.how)) for e in edits]
+        ops = build_ops(edits, src.by_name, history)
+        try:
+            report = _write(src, gguf_path, out_path, ops, config, stored, fallback, metadata, adapter_name,
+                            folds + 1, check_rows, fsync)
+            break
+        except _Reroute as r:
+            if fallback != "auto" or r.tensor in forced:
+                raise ExportError(f"{r.tensor}: {r}; pass --fallback auto|f16|q8_0") from None
+            forced[r.tensor] = auto_route(src.by_name[r.tensor])
+            log(f"note: {r.tensor}: {r}; it is {HOW_WORDS[forced[r.tensor]]} instead")
+    if history is not None and not metadata:
+        log("note: --no-metadata: the output has no fold history, so it cannot switch domains again")
+    log(format_report(report, (gguf_path.stat().st_size, out_path.stat().st_size)))
+    return report
 
+
+def _write(src, gguf_path, out_path, ops, config, stored, fallback, metadata, adapter_name, folds,
+           check_rows, fsync) -> list:
+    """Write the output to a temp file beside ``out_path``, patch, verify, rename."""
+    tensors = src.by_name
+    converted = {name: op for name, op in ops.items() if op.how in CONVERT_TYPES}
+    add_kv = provenance(config, stored, ops, tensors, fallback, adapter_name, folds) if metadata else ()
     tmp = temp_path(out_path)  # .tmp-<pid>-<name>; ones left by killed runs are removed
     try:
-        if converted or metadata:
-            replace = {
-                name: (CONVERT_TYPES[e.how], lambda e=e: converted_bytes(e, tensors[e.tensor]))
-                for name, e in converted.items()
-            }
-            drop = (lambda k: k.startswith(META_PREFIX)) if metadata else (lambda k: False)
-            rewrite(src, tmp, replace, drop=drop, add_kv=add_kv)
-        else:
-            shutil.copyfile(gguf_path, tmp)
+        replace = {
+            name: (CONVERT_TYPES[op.how], lambda op=op: converted_bytes(op, tensors[op.tensor]))
+            for name, op in converted.items()
+        }
+        rewrite(src, tmp, replace, drop=lambda k: k.startswith(META_PREFIX), add_kv=add_kv)
         out = GGUFFile(tmp, "r+")
         patched = out.by_name
-        for e in edits:
-            if e.how not in CONVERT_TYPES:
-                apply_edit(e, patched[e.tensor])
-                _release(out, patched[e.tensor])
-        out.data.flush()
-        report = measure(src, out, edits, check_rows)
+        for name, op in ops.items():
+            if op.how in CONVERT_TYPES:
+                continue
+            try:
+                apply_op(op, patched[name])
+            except Q.NotExact as e:
+                raise _Reroute(name, str(e)) from None
+            _release(out, patched[name])
+        report = measure(src, out, ops, check_rows)
+        bad = [r for r in report if r["rel_err"] is not None
+               and (not np.isfinite(r["rel_err"]) or (r["how"] == "scales" and r["rel_err"] > MAX_EXACT_ERROR))]
+        if bad:
+            raise ExportError(f"verification failed: {bad[0]['tensor']} is {bad[0]['rel_err']:.1e} off the "
+                              "expected values after an exact edit (please report this)")
+        if fsync:
+            out.data.flush()
         del out, patched
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, out_path)
-    except Q.NotExact as e:
-        raise ExportError(f"{e}; pass --fallback requant|f16|q8_0") from None
+        if fsync:
+            dir_fd = os.open(out_path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     finally:
         if tmp.exists():
             tmp.unlink()
-    log(format_report(report))
     return report

@@ -149,31 +149,56 @@ def blocks_of(raw: np.ndarray, qtype) -> np.ndarray:
     return raw.reshape(*raw.shape[:-1], raw.shape[-1] // type_size, type_size)
 
 
-def scale_blocks(blocks: np.ndarray, qtype, factor) -> None:
+def round_field(kind: str, values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to what a scale field of this encoding stores (float64)."""
+    values = np.asarray(values, dtype=np.float64)
+    get, put = CODECS[kind]
+    scratch = np.zeros((*values.shape, FIELD_BYTES[kind]), dtype=np.uint8)
+    put(scratch, 0, values)
+    return get(scratch, 0)
+
+
+def scale_blocks(blocks: np.ndarray, qtype, factor, undo=None) -> None:
     """Multiply every scale field of ``blocks`` (..., n_blocks, type_size) in place by
-    ``factor`` (broadcast to blocks.shape[:-1]). Raises NotExact, leaving blocks untouched."""
+    ``factor`` (broadcast to blocks.shape[:-1]). Raises NotExact, leaving blocks untouched.
+
+    ``undo``: a factor folded in earlier, divided out first. The quotient is rounded to
+    the field's storage before ``factor`` is applied: where the earlier fold was
+    invertible that recovers the original field bit for bit (a domain switch then
+    writes exactly what a fresh export from the base would), elsewhere it is off by
+    at most one unit in the last place.
+    """
     layout = check_type(qtype)
     get, put = CODECS[layout.kind]
     factor = np.asarray(factor, dtype=np.float64)
-    new = [get(blocks, o) * factor for o in layout.offsets]
+    fields = [get(blocks, o) for o in layout.offsets]
+    if undo is not None:
+        undo = np.asarray(undo, dtype=np.float64)
+        fields = [round_field(layout.kind, v / undo) for v in fields]
+    new = [v * factor for v in fields]
     for v in new:
         _check(layout.kind, v)
     for o, v in zip(layout.offsets, new):
         put(blocks, o, v)
 
 
-def scale_rows(raw: np.ndarray, qtype, factor) -> None:
+def scale_rows(raw: np.ndarray, qtype, factor, undo=None) -> None:
     """Exactly multiply rows of raw tensor bytes ``(..., rows, row_bytes)`` in place by
-    ``factor`` (..., rows): only the scale fields change."""
-    scale_blocks(blocks_of(raw, qtype), qtype, np.asarray(factor)[..., None])
+    ``factor`` (..., rows): only the scale fields change (``undo``: see scale_blocks)."""
+    undo = None if undo is None else np.asarray(undo)[..., None]
+    scale_blocks(blocks_of(raw, qtype), qtype, np.asarray(factor)[..., None], undo)
 
 
-def scale_columns_exact(raw: np.ndarray, qtype, factor) -> None:
+def scale_columns_exact(raw: np.ndarray, qtype, factor, undo=None) -> None:
     """Multiply the columns of a float tensor (F32/F16/BF16) in place by ``factor`` (..., cols)."""
     if qtype not in FLOAT_TYPES:
         raise NotExact(f"{qtype.name} blocks span columns: a column factor needs requantizing")
-    factor = np.asarray(factor)
-    scale_blocks(blocks_of(raw, qtype), qtype, factor[..., None, :] if factor.ndim > 1 else factor)
+
+    def spread(f):
+        f = np.asarray(f)
+        return f[..., None, :] if f.ndim > 1 else f
+
+    scale_blocks(blocks_of(raw, qtype), qtype, spread(factor), None if undo is None else spread(undo))
 
 
 def rows_scalable(qtype, factor) -> bool:
