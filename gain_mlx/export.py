@@ -8,7 +8,6 @@ adapter's domain without the original base.
 
 import argparse
 
-from . import cpu
 from .errors import UserError, cli
 from .gguf.export import CHECK_ROWS, DEFAULT_FALLBACK, FALLBACKS, ExportError, export_gguf
 
@@ -44,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flush the output to disk before renaming it into place (survives a power cut; "
                    "costs the time to write the file to disk)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    cpu.add_fast_blas_argument(p)  # accepted for symmetry with the other CLIs; export needs no BLAS
+    # accepted for symmetry with the other CLIs; the export multiplies no matrices, and
+    # gain_mlx.cpu is not imported: it pulls in mlx_lm/transformers (seconds of start-up)
+    p.add_argument("--no-fast-blas", dest="fast_blas", action="store_false", help=argparse.SUPPRESS)
     return p
 
 

@@ -54,7 +54,6 @@ from ..fold import FoldStep, plan_folds
 from . import quants as Q
 from .config import ARCHS, GGUF_ARCH
 from .header import GGUFFile
-from .weights import spellings
 
 FALLBACKS = ("auto", "requant", "f16", "q8_0", "refuse")
 DEFAULT_FALLBACK = "auto"
@@ -111,6 +110,8 @@ def tensor_name_map(reader: GGUFFile) -> TensorNameMap:
 
 def _candidates(path: str):
     """Spellings of an mlx-lm module path that gguf-py's name map may know (the import's)."""
+    from .weights import spellings  # lazily: weights imports mlx_lm (transformers, seconds)
+
     yield from spellings(path)
 
 
