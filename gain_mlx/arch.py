@@ -66,6 +66,7 @@ ARCHITECTURES = {
         blocks="model.h",
     ),
     "starcoder2": Arch(Site("self_attn.o_proj", "self_attn.v_proj"), (Site("mlp.c_proj"),)),
+    "qwen2_moe": Arch(_ATTN, _MOE),  # routed experts; the shared expert keeps no gain
     "qwen3_moe": Arch(_ATTN, _MOE),
     "mixtral": Arch(
         _ATTN,

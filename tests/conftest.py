@@ -73,6 +73,8 @@ TINY_CONFIGS = {
         max_position_embeddings=512,
         norm_topk_prob=True,
     ),
+    "qwen2_moe": dict(_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, rope_theta=10000.0),
     "mixtral": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
     "olmoe": dict(_COMMON, num_experts=4, num_experts_per_tok=2, intermediate_size=32),
 }

@@ -190,7 +190,7 @@ CASES = {
                     mistakes=[qk_still_permuted, {"embedding_multiplier": 1.0}, {"residual_multiplier": 1.0},
                               {"attention_multiplier": 1.0}, {"logits_scaling": 1.0}]),
     "starcoder2": dict(quant=Q.Q8_0, mistakes=[biases_dropped]),
-    "qwen2_moe": dict(quant=Q.Q8_0, mistakes=[experts_reversed, gate_up_exps_swapped], export=False),
+    "qwen2_moe": dict(quant=Q.Q8_0, mistakes=[experts_reversed, gate_up_exps_swapped]),
     "qwen3_moe": dict(quant=Q.Q8_0, mistakes=[experts_reversed, {"norm_topk_prob": False}]),
     "mixtral": dict(quant=Q.Q4_1, mistakes=[experts_reversed, qk_still_permuted]),
     "olmoe": dict(quant=Q.Q8_0, mistakes=[gate_up_exps_swapped, {"norm_topk_prob": True}]),

@@ -339,6 +339,7 @@ GGUF_ARCH = {
     "gemma3_text": "gemma3",
     "phi": "phi2",
     "gpt_neox": "gptneox",
+    "qwen2_moe": "qwen2moe",
     "qwen3_moe": "qwen3moe",
     "cohere": "command-r",
 }
