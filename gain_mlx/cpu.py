@@ -7,10 +7,18 @@ so :func:`ensure_fast_blas` re-executes the running CLI once with ``LD_PRELOAD``
 
 Quantized matmuls do not use BLAS at all on CPU; :func:`dequantize_model` gives a float
 copy to train on (gains are still folded into the original quantized model afterwards).
+
+Threads: MLX runs each CPU op on one thread (its stream's), so a multithreaded BLAS
+leaves all cores but one idle outside matmuls (softmax, activations, norms, the loss:
+half of a training step's time on 2 cores). :func:`step_parallelism` splits a training
+batch into one micro-batch per core, each on its own CPU stream with a single-threaded
+BLAS (:func:`blas_threads`), so every core works all the time.
 """
 
+import contextlib
 import copy
 import ctypes
+import functools
 import glob
 import os
 import platform
@@ -25,6 +33,11 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 ENV_SWITCH = "GAIN_MLX_FAST_BLAS"  # "0" turns the fast path off
 ENV_GUARD = "GAIN_MLX_FAST_BLAS_EXEC"  # set in the re-executed process
+# MLX orders an evaluation breadth-first, at most this many arrays wide (its default is
+# 20). Wider lets the micro-batches of a split training step (step_parallelism) run side
+# by side on their streams instead of mostly one after the other. Read once, at the
+# first evaluation of the process: set by ensure_fast_blas, first thing in every CLI.
+BFS_WIDTH = ("MLX_BFS_MAX_WIDTH", "200")
 INSTALL_HINT = "pip install mkl (no root needed; gain-mlx installs it on Linux x86-64), or apt-get install libopenblas0-pthread"
 
 # Optimized BLAS libraries exporting the standard symbols, best first. Each entry is a
@@ -113,6 +126,7 @@ def ensure_fast_blas(enabled=True):
     """
     if stock_blas() is None:
         return
+    os.environ.setdefault(*BFS_WIDTH)
     if os.environ.get(ENV_GUARD):
         if path := preloaded_blas():
             _say(f"MLX CPU matmuls use {path} ({ENV_SWITCH}=0 or --no-fast-blas: off)")
@@ -135,6 +149,67 @@ def ensure_fast_blas(enabled=True):
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def _blas_library():
+    """ctypes handle of the BLAS MLX's matmuls call (the preloaded one), or None."""
+    path = preloaded_blas()
+    return ctypes.CDLL(path) if path else None
+
+
+# (get, set) thread-count functions of the BLAS libraries that have them
+_THREAD_API = (
+    ("openblas_get_num_threads", "openblas_set_num_threads"),
+    ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads"),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _thread_api():
+    lib = _blas_library()
+    for get, put in _THREAD_API:
+        if lib is not None and hasattr(lib, get) and hasattr(lib, put):
+            return getattr(lib, get), getattr(lib, put)
+    return None
+
+
+@contextlib.contextmanager
+def blas_threads(n):
+    """Run the block with the BLAS using ``n`` threads (OpenBLAS or MKL); no-op for None,
+    or where the BLAS has no thread setting (the stock reference BLAS has one thread)."""
+    api = _thread_api() if n else None
+    if api is None:
+        yield
+        return
+    get, put = api
+    old = get()
+    put(n)
+    try:
+        yield
+    finally:
+        put(old)
+
+
+def cpu_cores():
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def step_parallelism(batch_size, cores=None):
+    """``(micro_batches, blas_threads)`` for a training step on this machine's CPU.
+
+    On a CPU device: one micro-batch per core (at most one sequence each), each with
+    ``cores // micro_batches`` BLAS threads; ``(1, None)`` (no split, BLAS untouched)
+    on a GPU, with one core, or for a batch of one.
+    """
+    cores = cores or cpu_cores()
+    if mx.default_device() != mx.cpu or cores < 2 or batch_size < 2:
+        return 1, None
+    n = min(cores, batch_size)
+    return n, max(1, cores // n)
 
 
 def copy_model(value):
