@@ -551,6 +551,23 @@ def _save_json(path: Path, data) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
 
 
+def report(out: Path, results, cfg, log=print) -> dict:
+    """``--report``: results.json/.md and plots from the finished runs alone (no model loaded)."""
+    identity = _identity(results)
+    results["sweep"] = load_runs([out] + list(cfg.combine or []), identity, log)
+    cached = json.loads((out / "base.json").read_text()) if (out / "base.json").is_file() else {}
+    if not results["sweep"] or cached.get("identity") != identity:
+        raise ValueError(f"{out}: no finished runs with these settings to report (run without --report first)")
+    results["base_ppl"], results["probe_base"] = cached["base_ppl"], cached["probe_base"]
+    methods = list(dict.fromkeys(cfg.methods + [r["method"] for r in results["sweep"]]))
+    results = finish(results, methods)
+    results["seconds"] = round(sum(r["seconds"] for r in results["sweep"]), 1)
+    _write(out, results)
+    plots(results, out, log)
+    log(f"Reported {len(results['sweep'])} runs from {out}")
+    return results
+
+
 def run(cfg, log=print) -> dict:
     """The whole experiment. Each finished run is saved as ``runs/<method>_lr<r>_seed<s>.json``
     (resumable; ``--combine`` reads other folders' runs too) and ``results.json``/``.md``
@@ -563,6 +580,21 @@ def run(cfg, log=print) -> dict:
         check_domain(folder)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(cfg, k) for k in
+                ("steps", "batch_size", "max_seq_length", "val_examples", "merge", "control",
+                 "lora_rank", "lora_scale", "lora_layers", "probe_questions")}
+    settings["control"] = control_folder.name if control_folder else None
+    results = {
+        "model": str(cfg.model or default_model_path().name),
+        "domains": [f.name for f in folders],
+        "control": settings["control"],
+        "config": settings,
+        "probe_file": Path(cfg.probe).name if cfg.probe_questions else None,
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, mlx {mx.__version__}, "
+                   f"device {mx.default_device()}",
+    }
+    if cfg.report:
+        return report(out, results, cfg, log)
     model, tokenizer, model_path = load_model(cfg.model)
     base = dequantize_model(model)  # CPU: float matmuls use BLAS, quantized ones do not
     base.freeze()
@@ -578,18 +610,6 @@ def run(cfg, log=print) -> dict:
         stages.insert(0, control)
     probe = load_probe(cfg.probe, tokenizer, cfg.probe_questions) if cfg.probe_questions else None
 
-    settings = {k: getattr(cfg, k) for k in
-                ("steps", "batch_size", "max_seq_length", "val_examples", "merge", "control",
-                 "lora_rank", "lora_scale", "lora_layers", "probe_questions")}
-    results = {
-        "model": str(cfg.model or default_model_path().name),
-        "domains": [d.name for d in domains],
-        "control": cfg.control,
-        "config": settings,
-        "probe_file": Path(cfg.probe).name if probe else None,
-        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, mlx {mx.__version__}, "
-                   f"device {mx.default_device()}",
-    }
     identity = _identity(results)
     results["sweep"] = load_runs([out] + list(cfg.combine or []), identity, log)
     if results["sweep"]:
@@ -648,6 +668,8 @@ def build_parser():
     p.add_argument("--probe", default=DEFAULT_PROBE,
                    help=f"definitions probe .jsonl (default {DEFAULT_PROBE}; make it with python tools/make_probe.py)")
     p.add_argument("--probe-questions", type=int, help="probe questions scored after every stage (0: off)")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: write results.json/.md and plots from the finished runs in --out (and --combine)")
     p.add_argument("--combine", nargs="+", metavar="DIR",
                    help="also reuse the runs in these output folders (same settings; e.g. methods run in parallel)")
     add_fast_blas_argument(p)

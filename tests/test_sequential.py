@@ -191,3 +191,8 @@ def test_seeds_probe_and_per_run_files(tmp_path, tiny_model_dir):
     # resumable from the per-run files: nothing reruns, the base numbers come from base.json
     again = sequential.run(args, log=lambda *a: None)
     assert [r["finished"] for r in again["sweep"]] == [r["finished"] for r in results["sweep"]]
+    # --report assembles the same tables from the run files alone, without training
+    (out / "results.json").unlink()
+    args.report = True
+    reported = sequential.run(args, log=lambda *a: None)
+    assert reported["aggregate"] == again["aggregate"] and (out / "results.json").is_file()
