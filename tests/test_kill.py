@@ -32,6 +32,12 @@ KILL_AT = Path(__file__).resolve().parent / "kill_at.py"
 ENV = {"OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
 
 
+def _default_sigint():
+    """A shell's background job starts with SIGINT ignored, and Python then keeps ignoring it:
+    give the child the default disposition, as an interactive Ctrl-C would find it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(module, *args, kill=None, cwd=None, preexec_fn=None, env=None):
     """``python -m module args``, optionally under kill_at.py with ``kill`` =
     (event, pattern, nth, *flags); returns (exit code, stdout + stderr)."""
@@ -39,7 +45,7 @@ def run(module, *args, kill=None, cwd=None, preexec_fn=None, env=None):
     if kill:
         event, pattern, nth, *flags = kill
         cmd = [sys.executable, str(KILL_AT), event, pattern, str(nth), *flags, "-m", module, *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or ROOT, preexec_fn=preexec_fn,
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or ROOT, preexec_fn=preexec_fn or _default_sigint,
                        env={**ENV, **(env or {})}, timeout=300)
     return r.returncode, r.stdout + r.stderr
 
