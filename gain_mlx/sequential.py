@@ -435,6 +435,17 @@ def markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rate_curves(ax, rows, y_key) -> None:
+    """One line per method through its rates: in-domain change against ``y_key``, in %."""
+    for method in dict.fromkeys(r["method"] for r in rows):
+        runs = [r for r in rows if r["method"] == method]
+        xs = [100 * r["summary"]["in_domain"] for r in runs]
+        ys = [100 * r["summary"][y_key] for r in runs]
+        ax.plot(xs, ys, "o-", label=method)
+        for x, y, r in zip(xs, ys, runs):
+            ax.annotate(f"{r['lr']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+
+
 def plots(results, out: Path, log=print) -> None:
     """Heatmaps of each headline run and the Pareto plot (needs matplotlib)."""
     try:
@@ -464,13 +475,7 @@ def plots(results, out: Path, log=print) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     rows = results["aggregate"]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        runs = [r for r in rows if r["method"] == method]
-        xs = [100 * r["summary"]["in_domain"] for r in runs]
-        ys = [100 * r["summary"]["forgetting"] for r in runs]
-        ax.plot(xs, ys, "o-", label=method)
-        for x, y, r in zip(xs, ys, runs):
-            ax.annotate(f"{r['lr']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    _rate_curves(ax, rows, "forgetting")
     front = pareto_front(rows)
     ax.scatter([100 * r["summary"]["in_domain"] for r in front], [100 * r["summary"]["forgetting"] for r in front],
                s=140, facecolors="none", edgecolors="black", label="Pareto front")
@@ -483,13 +488,7 @@ def plots(results, out: Path, log=print) -> None:
     if not results.get("probe_base"):
         return
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        runs = [r for r in rows if r["method"] == method]
-        xs = [100 * r["summary"]["in_domain"] for r in runs]
-        ys = [100 * r["summary"]["probe_acc"] for r in runs]
-        ax.plot(xs, ys, "o-", label=method)
-        for x, y, r in zip(xs, ys, runs):
-            ax.annotate(f"{r['lr']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    _rate_curves(ax, rows, "probe_acc")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("in-domain perplexity change vs base (%)  <- better")
     ax.set_ylabel("definitions probe acc_norm change (points)  better ->")
