@@ -156,3 +156,17 @@ def tiny_data_dir(tmp_path_factory):
         lines = (EXAMPLE_DATA / f"{split}.jsonl").read_text().splitlines()[:n]
         (path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A saved gain-ffn adapter for the tiny llama (gains at 1)."""
+    from mlx_lm import load
+
+    from gain_mlx import adapter as A
+
+    model, _ = load(str(tiny_model_dir))
+    targets = A.apply_gains(model, "gain-ffn")
+    path = tmp_path_factory.mktemp("adapter") / "a"
+    A.save_adapter(model, path, A.adapter_config(model, targets, "gain-ffn", False))
+    return path

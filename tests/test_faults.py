@@ -45,15 +45,6 @@ def assert_one_line(code, err, match, want_code=1):
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
-    model, _ = load(str(tiny_model_dir))
-    targets = A.apply_gains(model, "gain-ffn")
-    path = tmp_path_factory.mktemp("adapter") / "a"
-    A.save_adapter(model, path, A.adapter_config(model, targets, "gain-ffn", False))
-    return path
-
-
-@pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory):
     return write_gguf(tmp_path_factory.mktemp("gguf") / "m.gguf", tiny_for_gguf("llama"))
 

@@ -59,15 +59,6 @@ def killed(code, out):
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
-    model, _ = load(str(tiny_model_dir))
-    targets = A.apply_gains(model, "gain-ffn")
-    path = tmp_path_factory.mktemp("adapter") / "a"
-    A.save_adapter(model, path, A.adapter_config(model, targets, "gain-ffn", False))
-    return path
-
-
-@pytest.fixture(scope="module")
 def trained_adapter(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     """An adapter whose gains moved away from 1 (so a fold changes the weights)."""
     path = tmp_path_factory.mktemp("trained") / "a"
