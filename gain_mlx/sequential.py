@@ -435,8 +435,9 @@ def markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _rate_curves(ax, rows, y_key) -> None:
+def _rate_plot(plt, rows, y_key, ylabel, path, front=()) -> None:
     """One line per method through its rates: in-domain change against ``y_key``, in %."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
         runs = [r for r in rows if r["method"] == method]
         xs = [100 * r["summary"]["in_domain"] for r in runs]
@@ -444,6 +445,15 @@ def _rate_curves(ax, rows, y_key) -> None:
         ax.plot(xs, ys, "o-", label=method)
         for x, y, r in zip(xs, ys, runs):
             ax.annotate(f"{r['lr']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if front:
+        ax.scatter([100 * r["summary"]["in_domain"] for r in front], [100 * r["summary"][y_key] for r in front],
+                   s=140, facecolors="none", edgecolors="black", label="Pareto front")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("in-domain perplexity change vs base (%)  <- better")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 def plots(results, out: Path, log=print) -> None:
@@ -473,28 +483,11 @@ def plots(results, out: Path, log=print) -> None:
     fig.savefig(out / "heatmap.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
     rows = results["aggregate"]
-    _rate_curves(ax, rows, "forgetting")
-    front = pareto_front(rows)
-    ax.scatter([100 * r["summary"]["in_domain"] for r in front], [100 * r["summary"]["forgetting"] for r in front],
-               s=140, facecolors="none", edgecolors="black", label="Pareto front")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("in-domain perplexity change vs base (%)  <- better")
-    ax.set_ylabel("earlier domains at the end vs base (%)  <- better")
-    ax.legend(fontsize=8)
-    fig.savefig(out / "pareto.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    if not results.get("probe_base"):
-        return
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    _rate_curves(ax, rows, "probe_acc")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("in-domain perplexity change vs base (%)  <- better")
-    ax.set_ylabel("definitions probe acc_norm change (points)  better ->")
-    ax.legend(fontsize=8)
-    fig.savefig(out / "probe.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _rate_plot(plt, rows, "forgetting", "earlier domains at the end vs base (%)  <- better", out / "pareto.png",
+               front=pareto_front(rows))
+    if results.get("probe_base"):
+        _rate_plot(plt, rows, "probe_acc", "definitions probe acc_norm change (points)  better ->", out / "probe.png")
 
 
 def _write(out: Path, results) -> None:
