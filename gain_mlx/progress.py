@@ -18,10 +18,10 @@ def _fmt_time(seconds: float) -> str:
 class PlainProgress:
     """tqdm's small API (update, set_postfix_str, close, iteration) as plain lines."""
 
-    def __init__(self, iterable=None, total=None, desc="", unit="it", file=None, every_s=PLAIN_EVERY_S):
+    def __init__(self, iterable=None, total=None, desc="", unit="it", file=None, every_s=PLAIN_EVERY_S, initial=0):
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         self.file = file or sys.stderr
-        self.every_s, self.n, self.postfix, self.printed = every_s, 0, "", -1
+        self.every_s, self.n, self.initial, self.postfix, self.printed = every_s, initial, initial, "", -1
         self.start = self.last = time.perf_counter()
 
     def __iter__(self):
@@ -43,7 +43,7 @@ class PlainProgress:
     def _line(self):
         self.printed = self.n
         elapsed = time.perf_counter() - self.start
-        rate = self.n / elapsed if elapsed > 0 else 0.0
+        rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
         parts = [f"{self.desc}: {self.n}/{self.total}" if self.total else f"{self.desc}: {self.n}"]
         parts.append(f"{rate:.2f} {self.unit}/s" if rate >= 0.1 or not rate else f"{1 / rate:.1f} s/{self.unit}")
         if self.total and rate > 0 and self.n < self.total:
@@ -55,17 +55,20 @@ class PlainProgress:
 
     def close(self):
         """Print the final count once."""
-        if self.n and self.printed != self.n:
+        if self.n > self.initial and self.printed != self.n:
             self._line()
 
 
-def progress(iterable=None, total=None, desc="", unit="it", leave=True):
-    """A progress bar over ``iterable`` (or a manual one with ``update``) on stderr."""
+def progress(iterable=None, total=None, desc="", unit="it", leave=True, initial=0):
+    """A progress bar over ``iterable`` (or a manual one with ``update``) on stderr.
+
+    ``initial``: units already done (a resumed run); rate and ETA count only the new ones.
+    """
     if sys.stderr.isatty():
         from tqdm import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True)
-    return PlainProgress(iterable, total=total, desc=desc, unit=unit)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, initial=initial)
+    return PlainProgress(iterable, total=total, desc=desc, unit=unit, initial=initial)
 
 
 def say(message: str) -> None:

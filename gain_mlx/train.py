@@ -326,11 +326,6 @@ def train_gains(
 
     if monitor is None and valid_set:
         monitor = Monitor(valid_set, None, args.batch_size, args.val_batches, args.max_seq_length, None)
-    bar = progress(total=args.iters, desc="Training", unit="step") if show_progress else None
-    if bar is not None:
-        bar.update(start_step)
-        log = _above_bar(log, bar)
-
     def validate(it, train_loss=None):
         tic = time.perf_counter()
         row = monitor.evaluate(model, it, train_loss, optimizer.learning_rate.item())
@@ -355,6 +350,10 @@ def train_gains(
     if monitor is not None and monitor.active and not monitor.history:
         say("Evaluating the base model (step 0) ...")
         metrics.update(validate(start_step))
+    # The bar starts after the base evaluation, so its rate and ETA are the training's.
+    bar = progress(total=args.iters, desc="Training", unit="step", initial=start_step) if show_progress else None
+    if bar is not None:
+        log = _above_bar(log, bar)
     model.train()
     losses, n_tokens, steps, train_time, grad, last_loss = 0.0, 0, 0, 0.0, None, None
     mx.reset_peak_memory()

@@ -116,3 +116,17 @@ def test_progress_without_tty_is_plain_lines(tiny_model_dir, tiny_data_dir, reta
     assert "\r" not in both
     assert "Evaluating the base model" in run.stderr and "Training 3 steps" in run.stderr
     assert "Training: 3/3" in run.stderr  # the final plain progress line
+
+
+def test_plain_progress_rate_counts_only_new_units(monkeypatch):
+    """A resumed bar starts at the done steps; its rate and ETA count only the steps since."""
+    import io
+
+    from gain_mlx import progress as progress_mod
+
+    clock = iter([0.0, 10.0, 10.0])
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    bar = progress_mod.PlainProgress(total=10, desc="Training", unit="step", file=out, every_s=5.0, initial=5)
+    bar.update(1)  # 6/10 after 10 s: 0.10 step/s, 4 steps left -> ETA 0:40
+    assert out.getvalue().strip() == "Training: 6/10, 0.10 step/s, ETA 0:40, elapsed 0:10"
