@@ -2,9 +2,9 @@
 
 Builds a synthetic llama GGUF of about --size-gb (random --qtype blocks with sane
 scales, streamed to disk one tensor at a time) and a KV-tied gain-ffn adapter for it,
-then times, once each: `cp` of the file, `cp` + `sync` of the copy (the export flushes
-its output before renaming it), and the export (a fresh process: imports, header
-parse, copy, patch, flush, error check). Peak RSS is each child's own ru_maxrss.
+then times, in --rounds interleaved rounds (medians reported): `cp` of the file, `cp` +
+`sync` of the copy (the export flushes its output before renaming it), and the export (a
+fresh process: imports, header parse, copy, patch, flush, error check). Peak RSS is each child's own ru_maxrss.
 Files live in --dir and are deleted afterwards (unless --keep).
 
     python tools/bench_export.py --size-gb 1 --json bench_export.json
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -127,6 +128,7 @@ def main(argv=None) -> dict:
     p.add_argument("--qtype", default="Q4_K", choices=[t.name for t in SCALES])
     p.add_argument("--dir", default=tempfile.gettempdir())
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are medians")
     p.add_argument("--keep", action="store_true", help="keep the synthetic files")
     args = p.parse_args(argv)
     qtype = GGMLQuantizationType[args.qtype]
@@ -138,14 +140,27 @@ def main(argv=None) -> dict:
         write_adapter(adapter, n_layers)
         print(f"synthetic {args.qtype} GGUF: {n_layers} layers, {base.stat().st_size / 2**30:.2f} GiB "
               f"(built in {time.perf_counter() - t:.0f} s)")
+        subprocess.run(["sync"], check=True)  # the build's dirty pages must not land inside a timing
         subprocess.run(["cat", str(base)], check=True, stdout=subprocess.DEVNULL)  # warm the page cache
-        cp_s, cp_rss = timed(["cp", str(base), str(work / "copy.gguf")])
-        (work / "copy.gguf").unlink()
-        # the export flushes its output to disk before renaming it; so does this reference
-        cp_sync_s, _ = timed(["sh", "-c", f"cp '{base}' '{work}/copy.gguf' && sync '{work}/copy.gguf'"])
-        (work / "copy.gguf").unlink()
-        ex_s, ex_rss = timed([sys.executable, "-m", "gain_mlx.export", "--gguf", str(base),
-                              "--adapter-path", str(adapter), "--out", str(work / "out.gguf")])
+        copy, out = work / "copy.gguf", work / "out.gguf"
+        cmds = {
+            "cp": ["cp", str(base), str(copy)],
+            # the export flushes its output to disk before renaming it; so does this reference
+            "cp_sync": ["sh", "-c", f"cp '{base}' '{copy}' && sync '{copy}'"],
+            "export": [sys.executable, "-m", "gain_mlx.export", "--gguf", str(base),
+                       "--adapter-path", str(adapter), "--out", str(out)],
+        }
+        walls, rss = {k: [] for k in cmds}, {}
+        for r in range(args.rounds):  # interleaved, so every command sees the same disk state
+            for name, cmd in cmds.items():
+                wall, rss[name] = timed(cmd)
+                walls[name].append(wall)
+                for f in (copy, out):
+                    f.unlink(missing_ok=True)
+                subprocess.run(["sync"], check=True)
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in walls.items()))
+        cp_s, cp_sync_s, ex_s = (statistics.median(walls[k]) for k in ("cp", "cp_sync", "export"))
+        cp_rss, ex_rss = rss["cp"], rss["export"]
         result = {
             "qtype": args.qtype,
             "file_bytes": base.stat().st_size,

@@ -54,6 +54,7 @@ from ..fold import FoldStep, plan_folds
 from . import quants as Q
 from .config import ARCHS, GGUF_ARCH
 from .header import GGUFFile
+from .names import spellings
 
 FALLBACKS = ("auto", "requant", "f16", "q8_0", "refuse")
 DEFAULT_FALLBACK = "auto"
@@ -108,17 +109,10 @@ def tensor_name_map(reader: GGUFFile) -> TensorNameMap:
     return TensorNameMap(by_name[arch], int(_field(reader, f"{arch}.block_count", 0)))
 
 
-def _candidates(path: str):
-    """Spellings of an mlx-lm module path that gguf-py's name map may know (the import's)."""
-    from .weights import spellings  # lazily: weights imports mlx_lm (transformers, seconds)
-
-    yield from spellings(path)
-
-
 def gguf_tensor(reader: GGUFFile, table: TensorNameMap, path: str, suffix: str = ".weight"):
     """The GGUF tensor of an mlx-lm module path (``model.layers.3.self_attn.v_proj`` ->
     ``blk.3.attn_v.weight``), or None when the module has no such tensor."""
-    for c in _candidates(path):
+    for c in spellings(path):
         name = table.get_name(c)
         if name is not None:
             return reader.by_name.get(name + suffix)

@@ -4,15 +4,15 @@ import sys
 from typing import Any, Callable, Dict, Iterator, Tuple
 
 import numpy as np
-from gguf import GGUFReader, MODEL_ARCH_NAMES, TensorNameMap
+from gguf import GGUFReader
 from gguf.quants import dequantize
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 
 from . import GGUFImportError
 from .config import ArchSpec, Metadata
+from .names import name_map
 
-_SUFFIXES = (".weight", ".bias")
 CHUNK_VALUES = 1 << 22
 
 
@@ -21,39 +21,6 @@ def model_parameter_shapes(config: dict) -> Dict[str, Tuple[int, ...]]:
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-
-
-_EXPERT_LEAVES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
-
-
-def spellings(path: str) -> Iterator[str]:
-    """Names under which gguf-py's TensorNameMap may know an mlx-lm module path."""
-    yield path
-    stacked = path.replace(".switch_mlp.", ".experts.")  # mlx-lm stacks the experts
-    yield stacked
-    head, _, leaf = stacked.rpartition(".")
-    if ".experts" in head and leaf in _EXPERT_LEAVES:  # Mixtral's w1 / w2 / w3
-        yield f"{head}.{_EXPERT_LEAVES[leaf]}"
-    if path.startswith("model."):  # gpt2 / gpt_neox keep their blocks at model.h
-        rest = path[len("model."):]
-        yield rest
-        yield "transformer." + rest
-        yield "gpt_neox." + (rest.replace("h.", "layers.", 1) if rest.startswith("h.") else rest)
-
-
-def name_map(arch: str, n_layers: int, mlx_names) -> Dict[str, str]:
-    """GGUF tensor name -> mlx-lm parameter name, from gguf-py's own name table."""
-    by_value = {v: k for k, v in MODEL_ARCH_NAMES.items()}
-    table = TensorNameMap(by_value[arch], n_layers)
-    mapping = {}
-    for name in mlx_names:
-        module, _, suffix = name.rpartition(".")
-        if "." + suffix not in _SUFFIXES:
-            continue
-        gguf_name = next(filter(None, (table.get_name(s) for s in spellings(module))), None)
-        if gguf_name is not None:
-            mapping[f"{gguf_name}.{suffix}"] = name
-    return mapping
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
