@@ -520,7 +520,6 @@ def test_smollm2_patched_gguf_matches_mlx_in_llama_cpp(tmp_path):
     assert kl_base >= 5 * kl, (kl_base, kl)
 
 
-
 def test_gguf_export_does_not_import_mlx_lm(q4, tmp_path):
     """The GGUF exporter needs tensor names, not models: mlx-lm pulls in transformers,
     seconds of start-up that made a 1 GiB export several times slower than `cp`."""

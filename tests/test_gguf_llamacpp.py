@@ -201,3 +201,25 @@ def test_llama3_rope_freqs_match_llama_cpp(tmp_path):
     kl, top1 = kl_top1(reference, mlx_logits(out, rope_scaling=None))
     print(f"llama3 rope_freqs ignored: KL {kl:.3f} top-1 {top1:.3f}")
     assert not agrees(kl, top1), (kl, top1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.IQ4_XS], ids=lambda q: q.name)
+def test_default_export_with_untied_gains_matches_llama_cpp(tmp_path, qtype):
+    """Untied attention gains on a GQA model have no exact fold into a K/IQ-quant V: the
+    default export (--fallback auto) still succeeds, and llama.cpp on its file agrees with
+    MLX plus the gains, while the unpatched file clearly does not."""
+    from gain_mlx.gguf.export import export_gguf
+    from test_export import make_adapter
+
+    path = write_random_gguf(tmp_path / "base.gguf", tiny_for_gguf("llama", hidden_size=256, intermediate_size=512), qtype)
+    model, _ = load_model(convert_gguf(path, tmp_path / "mlx"))
+    assert model.args.num_key_value_heads < model.args.num_attention_heads  # GQA
+    adapter = make_adapter(tmp_path / "adapter", model, tie_kv=False)  # gains stay applied to model
+    report = export_gguf(path, adapter, tmp_path / "out.gguf", log=lambda s: None)
+    assert {r["how"] for r in report} - {"scales"}, report  # some tensor took a fallback route
+    reference = np.array(model(mx.array(IDS)[None])[0].astype(mx.float32))
+    kl, top1 = kl_top1(llamacpp_logits(tmp_path / "out.gguf", IDS), reference)
+    kl_base, top1_base = kl_top1(llamacpp_logits(path, IDS), reference)
+    print(f"{qtype.name} untied, default export: KL {kl:.2e} top-1 {top1:.3f}; unpatched KL {kl_base:.2e} top-1 {top1_base:.3f}")
+    assert agrees(kl, top1), (kl, top1)
+    assert not agrees(kl_base, top1_base) and kl_base >= 5 * kl, (kl_base, kl)
