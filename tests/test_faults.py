@@ -31,9 +31,14 @@ def digest(path: Path) -> str:
 
 
 def run_cli(module, *args, cwd=None, preexec_fn=None):
-    """Run ``python -m module args``; return (exit code, stderr)."""
+    """Run ``python -m module args``; return (exit code, stderr).
+
+    The child writes no bytecode: under ``_small_disk`` a .pyc is cut at the limit and
+    renamed into place, breaking every later import of that module.
+    """
+    env = {"OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
     r = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                       cwd=cwd or ROOT, preexec_fn=preexec_fn, env={"OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+                       cwd=cwd or ROOT, preexec_fn=preexec_fn, env=env, timeout=300)
     return r.returncode, r.stderr
 
 
@@ -279,3 +284,15 @@ def test_atomic_write_removes_stale_temporaries(tmp_path):
     live.write_text("in progress")
     atomic_write(tmp_path / "x.json", lambda tmp: tmp.write_text("{}"))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "x.json"])
+
+
+def test_export_force_disk_full_keeps_previous_output(gguf_file, adapter_dir, tmp_path):
+    """A --force export that fails mid-write (disk full) leaves the earlier output as it was."""
+    assert gguf_file.stat().st_size > 64 * 1024  # the copy must cross _small_disk's limit
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"the previous export")
+    code, err = run_cli("gain_mlx.export", "--gguf", gguf_file, "--adapter-path", adapter_dir, "--out", out,
+                        "--force", preexec_fn=_small_disk)
+    assert_one_line(code, err, f"no space left writing {out}")
+    assert out.read_bytes() == b"the previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["o.gguf"]  # no temporary left behind

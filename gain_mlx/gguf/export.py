@@ -976,6 +976,10 @@ def _write(src, gguf_path, out_path, ops, config, stored, fallback, metadata, ad
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+    except OSError as e:
+        if e.filename is None:  # the kernel copy names no file: name the output the user asked for
+            raise OSError(e.errno, e.strerror, str(out_path)) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
