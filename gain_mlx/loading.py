@@ -16,6 +16,11 @@ def default_model_path() -> Path:
         raise FileNotFoundError(f"no --model given and the default {e}, or pass --model") from None
 
 
+def is_gguf(spec) -> bool:
+    """Whether ``--model`` names a GGUF: nothing (the default), a packaged model's short name, or ``*.gguf``."""
+    return spec is None or str(spec) in MODELS or str(spec).endswith(".gguf")
+
+
 def resolve_model(spec=None, verbose: bool = True) -> str:
     """A path or repo id that ``mlx_lm.load`` accepts."""
     if spec is None:

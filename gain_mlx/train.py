@@ -522,13 +522,13 @@ def resolve_tie_kv(mode, model, quantized: bool) -> tuple:
 
 def run(args) -> dict:
     """Load, apply gains (or resume), train, save, optionally test. Returns final metrics."""
-    from .loading import load_model
+    from .loading import is_gguf, load_model
 
     mx.random.seed(args.seed)
     np.random.seed(args.seed)
     say(f"Loading {args.model or 'the default model'} ...")
     model, tokenizer, model_path = load_model(args.model)
-    quantized_base = args.model is None or str(args.model).endswith(".gguf") or any(
+    quantized_base = is_gguf(args.model) or any(
         hasattr(m, "scales") for _, m in model.named_modules()
     )
     if _wants_float_copy(model, args.dequantize):
