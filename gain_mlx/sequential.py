@@ -551,12 +551,18 @@ def report(out: Path, results, cfg, log=print) -> dict:
     if not results["sweep"] or cached.get("identity") != identity:
         raise ValueError(f"{out}: no finished runs with these settings to report (run without --report first)")
     results["base_ppl"], results["probe_base"] = cached["base_ppl"], cached["probe_base"]
-    methods = list(dict.fromkeys(cfg.methods + [r["method"] for r in results["sweep"]]))
+    results = publish(out, results, cfg.methods, log)
+    log(f"Reported {len(results['sweep'])} runs from {out}")
+    return results
+
+
+def publish(out: Path, results, methods, log=print) -> dict:
+    """Tables, results.json/.md and plots from every finished run (``methods`` first)."""
+    methods = list(dict.fromkeys(list(methods) + [r["method"] for r in results["sweep"]]))
     results = finish(results, methods)
     results["seconds"] = round(sum(r["seconds"] for r in results["sweep"]), 1)
     _write(out, results)
     plots(results, out, log)
-    log(f"Reported {len(results['sweep'])} runs from {out}")
     return results
 
 
@@ -628,11 +634,7 @@ def run(cfg, log=print) -> dict:
                 _save_json(out / "runs" / _run_name(method, lr, seed), {"identity": identity, "run": result})
                 results["sweep"].append(result)
                 _write(out, finish(results, cfg.methods))
-    results = finish(results, cfg.methods)
-    results["seconds"] = round(sum(r["seconds"] for r in results["sweep"]), 1)
-    _write(out, results)
-    plots(results, out, log)
-    return results
+    return publish(out, results, cfg.methods, log)
 
 
 def build_parser():
