@@ -49,6 +49,9 @@ class GGUFHeaderError(UserError, ValueError):
     """A GGUF file that cannot be parsed: truncated, corrupt or not a GGUF."""
 
 
+_U64 = struct.Struct("<Q")
+
+
 class GGUFFile:
     """``fields`` (name -> Field), ``tensors`` (file order of the tensor table),
     ``alignment``, ``tensor_info_offset``, ``data_start`` and ``data`` (the memmap)."""
@@ -131,6 +134,14 @@ class GGUFFile:
             items = np.frombuffer(self._buf, np.dtype(fmt), count, self._off).tolist()
             self._off += width * count
             return items
-        for _ in range(count):  # strings or nested arrays: skipped, not kept
+        if itype == GGUFValueType.STRING:  # e.g. a 262K-token vocabulary: skipped by length alone
+            off, end = self._off, len(self._buf)
+            for _ in range(count):
+                off += 8 + _U64.unpack_from(self._buf, off)[0]
+                if off > end:
+                    raise ValueError("a string array runs past the end of the header")
+            self._off = off
+            return None
+        for _ in range(count):  # nested arrays: skipped, not kept
             self._value(itype)
         return None
