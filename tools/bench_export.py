@@ -1,7 +1,8 @@
 """Benchmark python -m gain_mlx.export against `cp` of the same GGUF.
 
-Builds a synthetic llama GGUF of about --size-gb (random --qtype blocks with sane
-scales, streamed to disk one tensor at a time) and a KV-tied gain-ffn adapter for it,
+Builds a synthetic llama GGUF of about --size-gb (random --qtype blocks with sane scales,
+streamed to disk one tensor at a time; --vocab-strings tokenizer strings in its header, as
+real GGUFs have) and a KV-tied gain-ffn adapter for it,
 then times, in --rounds interleaved rounds (medians reported): `cp` of the file, `cp` +
 `sync` of the copy (the export flushes its output before renaming it), and the export (a
 fresh process: imports, header parse, copy, patch, flush, error check). Peak RSS is each child's own ru_maxrss.
@@ -60,7 +61,7 @@ def random_blocks(rows, cols, qtype, rng) -> np.ndarray:
     return raw
 
 
-def write_synthetic(path: Path, size_gb: float, qtype) -> int:
+def write_synthetic(path: Path, size_gb: float, qtype, vocab_strings: int) -> int:
     n_layers = n_layers_for(size_gb, qtype)
     rng = np.random.default_rng(0)
     w = GGUFWriter(str(path), "llama")
@@ -71,6 +72,7 @@ def write_synthetic(path: Path, size_gb: float, qtype) -> int:
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
     w.add_layer_norm_rms_eps(1e-5)
+    w.add_token_list([f"<tok{i}>" for i in range(vocab_strings)])  # real GGUFs carry 32K-262K of these
     tensors = [("token_embd.weight", (VOCAB, HIDDEN))]
     for i in range(n_layers):
         tensors += layer_shapes(i)
@@ -128,6 +130,8 @@ def main(argv=None) -> dict:
     p.add_argument("--qtype", default="Q4_K", choices=[t.name for t in SCALES])
     p.add_argument("--dir", default=tempfile.gettempdir())
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--vocab-strings", type=int, default=128_000,
+                   help="tokenizer strings in the header (Llama 3: 128K, Gemma 3: 262K)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are medians")
     p.add_argument("--keep", action="store_true", help="keep the synthetic files")
     args = p.parse_args(argv)
@@ -136,7 +140,7 @@ def main(argv=None) -> dict:
     try:
         base, adapter = work / "base.gguf", work / "adapter"
         t = time.perf_counter()
-        n_layers = write_synthetic(base, args.size_gb, qtype)
+        n_layers = write_synthetic(base, args.size_gb, qtype, args.vocab_strings)
         write_adapter(adapter, n_layers)
         print(f"synthetic {args.qtype} GGUF: {n_layers} layers, {base.stat().st_size / 2**30:.2f} GiB "
               f"(built in {time.perf_counter() - t:.0f} s)")
