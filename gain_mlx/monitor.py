@@ -14,10 +14,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.tuner.trainer import default_loss, iterate_batches
+from mlx_lm.tuner.trainer import iterate_batches
 
 from .errors import UserError
 from .files import atomic_write
+from .loss import summed_loss
 from .progress import progress, say
 
 HISTORY_FILE = "history.json"
@@ -64,8 +65,8 @@ def evaluate_loss(model, dataset, batch_size, num_batches, max_seq_length, desc=
     total_loss, total_tokens = mx.array(0.0), mx.array(0)
     bar = progress(total=n_batches, desc=desc, unit="batch", leave=False) if desc else None
     for _, (batch, lengths) in zip(range(n_batches), batches):
-        loss, ntoks = default_loss(model, batch, lengths)
-        total_loss += loss * ntoks
+        loss, ntoks = summed_loss(model, batch, lengths)
+        total_loss += loss
         total_tokens += ntoks
         mx.eval(total_loss, total_tokens)
         if bar is not None:

@@ -29,6 +29,7 @@ from . import cpu
 from .arch import ARCHITECTURES, VARIANTS
 from .errors import UsageError, UserError, cli
 from .files import atomic_write, save_safetensors
+from .loss import summed_loss
 from .monitor import KEEP, Monitor, evaluate_loss, isolated, load_retain_set, read_history
 from .progress import progress, say
 
@@ -206,51 +207,6 @@ def check_finite(step: int, loss, model) -> None:
             f"step {step}: the loss or gains became non-finite (NaN/inf); the last checkpoint on "
             "disk is the last good one: try a lower --learning-rate, or --resume from it"
         )
-
-
-LOG2E = math.log2(math.e)
-
-
-@mx.custom_function
-def _cpu_cross_entropy(logits, targets):
-    # exp as 2 ** (x * log2 e): MLX's CPU exp (also in softmax and logsumexp) runs ~2.5x
-    # slower than its pow in the Linux wheel. p = exp(logits - max) is kept for the
-    # backward pass, which then needs no second exponential over the vocabulary.
-    logits = logits.astype(mx.float32)
-    top = mx.stop_gradient(logits.max(-1, keepdims=True))
-    p = mx.power(mx.array(2.0), (logits - top) * LOG2E)
-    total = p.sum(-1, keepdims=True)
-    picked = mx.take_along_axis(logits, targets[..., None], -1)
-    return (mx.log(total) + top - picked).squeeze(-1), p, total
-
-
-@_cpu_cross_entropy.vjp
-def _cpu_cross_entropy_vjp(primals, cotangents, outputs):
-    logits, targets = primals
-    _, p, total = outputs
-    g = cotangents[0][..., None]
-    hit = mx.arange(p.shape[-1], dtype=targets.dtype) == targets[..., None]
-    return (p * (g / total) - mx.where(hit, g, 0.0)).astype(logits.dtype), mx.zeros_like(targets)
-
-
-def cross_entropy(logits, targets):
-    """Per-token cross entropy, ``nn.losses.cross_entropy(logits, targets)`` computed in float32.
-
-    On a CPU one exponential pass over the logits serves forward and backward (against
-    three full passes plus two exponentials in mlx's version); on a GPU, mlx's fused kernel.
-    """
-    if mx.default_device() != mx.cpu:
-        return nn.losses.cross_entropy(logits, targets)
-    return _cpu_cross_entropy(logits, targets)[0]
-
-
-def summed_loss(model, batch, lengths):
-    """``(sum of the token losses, token count)``: mlx-lm's ``default_loss`` before its mean."""
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    steps = mx.arange(1, targets.shape[1] + 1)
-    mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
-    ce = cross_entropy(model(inputs), targets) * mask
-    return ce.astype(mx.float32).sum(), mask.sum()
 
 
 def loss_and_grad(model, micro_batches=1):

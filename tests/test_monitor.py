@@ -130,3 +130,21 @@ def test_plain_progress_rate_counts_only_new_units(monkeypatch):
     bar = progress_mod.PlainProgress(total=10, desc="Training", unit="step", file=out, every_s=5.0, initial=5)
     bar.update(1)  # 6/10 after 10 s: 0.10 step/s, 4 steps left -> ETA 0:40
     assert out.getvalue().strip() == "Training: 6/10, 0.10 step/s, ETA 0:40, elapsed 0:10"
+
+
+def test_evaluate_loss_equals_mlx_lm_default_loss(tiny_model_dir, retain_file):
+    """evaluate_loss (our CPU cross entropy) against mlx-lm's default_loss on the same batches."""
+    import mlx.core as mx
+    from mlx_lm.tuner.trainer import default_loss
+
+    from gain_mlx.monitor import fixed_batches
+
+    model, tokenizer = load(str(tiny_model_dir))
+    _, retain = load_retain_set(str(retain_file), tokenizer, parse_args(["--max-seq-length", "128"]))
+    total, tokens = 0.0, 0
+    for _, (batch, lengths) in zip(range(2), fixed_batches(dataset=retain, batch_size=4, max_seq_length=128)):
+        loss, ntoks = default_loss(model, batch, lengths)
+        total, tokens = total + (loss * ntoks).item(), tokens + ntoks.item()
+    assert tokens > 100
+    assert evaluate_loss(model, retain, 4, 2, 128) == pytest.approx(total / tokens, rel=1e-5)
+    mx.clear_cache()

@@ -78,6 +78,20 @@ def test_score_matches_one_sequence_at_a_time(tmp_path, tiny_model_dir, monkeypa
     assert got["answer_ll_per_byte"] == pytest.approx(np.mean(norm[np.arange(len(rows)), answers]), rel=1e-4)
 
 
+def test_continuation_logprobs_keep_input_order(tiny_model_dir, monkeypatch):
+    """Pairs are batched by length; each result still belongs to its own pair."""
+    model, tokenizer = load(str(tiny_model_dir))
+    monkeypatch.setattr(P, "BATCH", 3)
+    texts = [("Word: a\nDefinition:", " A very long definition of many words, longer than the rest."),
+             ("Word: bb\nDefinition:", " Short."), ("Word: c\nDefinition:", " Of middling length here."),
+             ("Word: dd\nDefinition:", " Tiny."), ("Word: e\nDefinition:", " Another quite long one, with clauses.")]
+    pairs = [(tokenizer.encode(c), tokenizer.encode(c + x)[len(tokenizer.encode(c)):]) for c, x in texts]
+    got = P.continuation_logprobs(model, pairs)
+    want = [_reference_ll(model, tokenizer, c, x) for c, x in texts]
+    assert got == pytest.approx(want, rel=1e-4)
+    assert len(set(map(len, (c + x for c, x in pairs)))) > 2, "pairs of unequal lengths"
+
+
 def test_missing_probe_names_the_builder(tmp_path):
     with pytest.raises(UserError, match="python tools/make_probe.py"):
         P.load_probe(tmp_path / "nope.jsonl", tokenizer=None)
