@@ -436,13 +436,20 @@ def markdown(results) -> str:
 
 
 def _rate_plot(plt, rows, y_key, ylabel, path, front=()) -> None:
-    """One line per method through its rates: in-domain change against ``y_key``, in %."""
+    """One line per method through its rates: in-domain change against ``y_key``, in %;
+    bars span the seeds' [min, max] where a rate ran with several."""
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
         runs = [r for r in rows if r["method"] == method]
         xs = [100 * r["summary"]["in_domain"] for r in runs]
         ys = [100 * r["summary"][y_key] for r in runs]
-        ax.plot(xs, ys, "o-", label=method)
+        line, = ax.plot(xs, ys, "o-", label=method)
+        for x, y, r in zip(xs, ys, runs):  # bars: [min, max] over seeds
+            spans = [r.get("range", {}).get(k) for k in ("in_domain", y_key)]
+            if len(r.get("seeds", [])) > 1 and all(spans):
+                (x0, x1), (y0, y1) = (100 * np.array(s) for s in spans)
+                ax.errorbar([x], [y], xerr=[[x - x0], [x1 - x]], yerr=[[y - y0], [y1 - y]], fmt="none",
+                            ecolor=line.get_color(), elinewidth=1, capsize=3)
         for x, y, r in zip(xs, ys, runs):
             ax.annotate(f"{r['lr']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if front:
