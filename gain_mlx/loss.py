@@ -54,3 +54,26 @@ def summed_loss(model, batch, lengths):
     mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
     ce = cross_entropy(model(inputs), targets) * mask
     return ce.astype(mx.float32).sum(), mask.sum()
+
+
+
+def across_streams(fn, streams, *arrays) -> list:
+    """``fn(*parts)`` for the arrays split along their first axis into one part per CPU
+    stream; the streams run side by side, one core each."""
+    n = arrays[0].shape[0]
+    streams = streams[:n]  # no empty parts
+    k = len(streams)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    parts = []
+    for stream, lo, hi in zip(streams, bounds, bounds[1:]):
+        with mx.stream(stream):
+            parts.append(fn(*(a[lo:hi] for a in arrays)))
+    return parts
+
+
+def split_summed_loss(model, batch, lengths, streams):
+    """:func:`summed_loss`, split :func:`across_streams` (no streams: one call)."""
+    if not streams:
+        return summed_loss(model, batch, lengths)
+    parts = across_streams(lambda b, l: summed_loss(model, b, l), streams, batch, lengths)
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)

@@ -18,7 +18,8 @@ from mlx_lm.tuner.trainer import iterate_batches
 
 from .errors import UserError
 from .files import atomic_write
-from .loss import summed_loss
+from . import cpu
+from .loss import split_summed_loss
 from .progress import progress, say
 
 HISTORY_FILE = "history.json"
@@ -62,13 +63,16 @@ def evaluate_loss(model, dataset, batch_size, num_batches, max_seq_length, desc=
         raise UserError(f"{desc or 'evaluation'}: {len(dataset)} examples, fewer than --batch-size {batch_size}")
     batches = fixed_batches(dataset=dataset, batch_size=batch_size, max_seq_length=max_seq_length)
     model.eval()
+    micro_batches, threads = cpu.step_parallelism(batch_size)  # the cores side by side, as in training
+    streams = [mx.new_stream(mx.cpu) for _ in range(micro_batches)] if micro_batches > 1 else []
     total_loss, total_tokens = mx.array(0.0), mx.array(0)
     bar = progress(total=n_batches, desc=desc, unit="batch", leave=False) if desc else None
     for _, (batch, lengths) in zip(range(n_batches), batches):
-        loss, ntoks = summed_loss(model, batch, lengths)
-        total_loss += loss
-        total_tokens += ntoks
-        mx.eval(total_loss, total_tokens)
+        with cpu.blas_threads(threads):
+            loss, ntoks = split_summed_loss(model, batch, lengths, streams)
+            total_loss += loss
+            total_tokens += ntoks
+            mx.eval(total_loss, total_tokens)
         if bar is not None:
             bar.update()
     if bar is not None:

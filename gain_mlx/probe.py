@@ -15,7 +15,8 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import UserError, cli
-from .loss import cross_entropy
+from . import cpu
+from .loss import across_streams, cross_entropy
 
 DEFAULT_PROBE = ".cache/corpora/probe/definitions.jsonl"
 PROBE_HINT = "python tools/make_probe.py"
@@ -56,6 +57,12 @@ def continuation_logprobs(model, pairs) -> list:
     Pairs are batched in order of length, so a batch carries little padding (in the
     definitions probe, 6.6K tokens computed instead of 9.4K in file order).
     """
+    micro_batches, threads = cpu.step_parallelism(BATCH)  # the cores side by side, as in training
+    streams = [mx.new_stream(mx.cpu) for _ in range(micro_batches)] if micro_batches > 1 else []
+
+    def rows_logp(inputs, targets, mask):
+        return (-cross_entropy(model(inputs), targets) * mask).sum(axis=1)
+
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     out = [0.0] * len(pairs)
     for start in range(0, len(order), BATCH):
@@ -69,8 +76,11 @@ def continuation_logprobs(model, pairs) -> list:
             inputs[row, :len(seq) - 1] = seq[:-1]
             targets[row, :len(seq) - 1] = seq[1:]
             mask[row, len(pairs[i][0]) - 1:len(seq) - 1] = 1.0
-        logp = -cross_entropy(model(mx.array(inputs)), mx.array(targets)) * mx.array(mask)
-        for i, value in zip(chunk, logp.sum(axis=1).tolist()):
+        arrays = (mx.array(inputs), mx.array(targets), mx.array(mask))
+        with cpu.blas_threads(threads):
+            parts = across_streams(rows_logp, streams, *arrays) if streams else [rows_logp(*arrays)]
+            sums = mx.concatenate(parts).tolist()
+        for i, value in zip(chunk, sums):
             out[i] = value
     return out
 

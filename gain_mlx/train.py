@@ -29,7 +29,7 @@ from . import cpu
 from .arch import ARCHITECTURES, VARIANTS
 from .errors import UsageError, UserError, cli
 from .files import atomic_write, save_safetensors
-from .loss import summed_loss
+from .loss import across_streams, summed_loss
 from .monitor import KEEP, Monitor, evaluate_loss, isolated, load_retain_set, read_history
 from .progress import progress, say
 
@@ -223,12 +223,7 @@ def loss_and_grad(model, micro_batches=1):
         if not streams:
             (total, ntoks), grad = value_and_grad(model, batch, lengths)
         else:
-            n, k = batch.shape[0], len(streams)
-            bounds = [round(i * n / k) for i in range(k + 1)]
-            parts = []
-            for s, lo, hi in zip(streams, bounds, bounds[1:]):
-                with mx.stream(s):
-                    parts.append(value_and_grad(model, batch[lo:hi], lengths[lo:hi]))
+            parts = across_streams(lambda b, l: value_and_grad(model, b, l), streams, batch, lengths)
             total = sum(p[0][0] for p in parts)
             ntoks = sum(p[0][1] for p in parts)
             grad = tree_map(lambda *g: sum(g), *[p[1] for p in parts])

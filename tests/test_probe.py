@@ -81,7 +81,7 @@ def test_score_matches_one_sequence_at_a_time(tmp_path, tiny_model_dir, monkeypa
 def test_continuation_logprobs_keep_input_order(tiny_model_dir, monkeypatch):
     """Pairs are batched by length; each result still belongs to its own pair."""
     model, tokenizer = load(str(tiny_model_dir))
-    monkeypatch.setattr(P, "BATCH", 3)
+    monkeypatch.setattr(P, "BATCH", 4)  # the last batch holds one pair: fewer rows than CPU streams
     texts = [("Word: a\nDefinition:", " A very long definition of many words, longer than the rest."),
              ("Word: bb\nDefinition:", " Short."), ("Word: c\nDefinition:", " Of middling length here."),
              ("Word: dd\nDefinition:", " Tiny."), ("Word: e\nDefinition:", " Another quite long one, with clauses.")]
