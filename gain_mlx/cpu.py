@@ -212,6 +212,13 @@ def step_parallelism(batch_size, cores=None):
     return n, max(1, cores // n)
 
 
+@functools.lru_cache(maxsize=None)
+def streams(n) -> tuple:
+    """``n`` CPU streams for micro-batches side by side (none for ``n <= 1``), made once per
+    process: MLX gives each stream its own thread and never frees it."""
+    return tuple(mx.new_stream(mx.cpu) for _ in range(n)) if n > 1 else ()
+
+
 def copy_model(value):
     """A copy of a model's module structure sharing its arrays (no weight memory).
 

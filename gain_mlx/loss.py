@@ -56,10 +56,11 @@ def summed_loss(model, batch, lengths):
     return ce.astype(mx.float32).sum(), mask.sum()
 
 
-
 def across_streams(fn, streams, *arrays) -> list:
     """``fn(*parts)`` for the arrays split along their first axis into one part per CPU
-    stream; the streams run side by side, one core each."""
+    stream; the streams run side by side, one core each. No streams: ``[fn(*arrays)]``."""
+    if not streams:
+        return [fn(*arrays)]
     n = arrays[0].shape[0]
     streams = streams[:n]  # no empty parts
     k = len(streams)
@@ -72,8 +73,6 @@ def across_streams(fn, streams, *arrays) -> list:
 
 
 def split_summed_loss(model, batch, lengths, streams):
-    """:func:`summed_loss`, split :func:`across_streams` (no streams: one call)."""
-    if not streams:
-        return summed_loss(model, batch, lengths)
+    """:func:`summed_loss`, split :func:`across_streams`."""
     parts = across_streams(lambda b, l: summed_loss(model, b, l), streams, batch, lengths)
     return sum(p[0] for p in parts), sum(p[1] for p in parts)

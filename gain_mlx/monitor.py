@@ -16,9 +16,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.trainer import iterate_batches
 
+from . import cpu
 from .errors import UserError
 from .files import atomic_write
-from . import cpu
 from .loss import split_summed_loss
 from .progress import progress, say
 
@@ -64,7 +64,7 @@ def evaluate_loss(model, dataset, batch_size, num_batches, max_seq_length, desc=
     batches = fixed_batches(dataset=dataset, batch_size=batch_size, max_seq_length=max_seq_length)
     model.eval()
     micro_batches, threads = cpu.step_parallelism(batch_size)  # the cores side by side, as in training
-    streams = [mx.new_stream(mx.cpu) for _ in range(micro_batches)] if micro_batches > 1 else []
+    streams = cpu.streams(micro_batches)
     total_loss, total_tokens = mx.array(0.0), mx.array(0)
     bar = progress(total=n_batches, desc=desc, unit="batch", leave=False) if desc else None
     for _, (batch, lengths) in zip(range(n_batches), batches):

@@ -14,8 +14,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .errors import UserError, cli
 from . import cpu
+from .errors import UserError, cli
 from .loss import across_streams, cross_entropy
 
 DEFAULT_PROBE = ".cache/corpora/probe/definitions.jsonl"
@@ -58,7 +58,7 @@ def continuation_logprobs(model, pairs) -> list:
     definitions probe, 6.6K tokens computed instead of 9.4K in file order).
     """
     micro_batches, threads = cpu.step_parallelism(BATCH)  # the cores side by side, as in training
-    streams = [mx.new_stream(mx.cpu) for _ in range(micro_batches)] if micro_batches > 1 else []
+    streams = cpu.streams(micro_batches)
 
     def rows_logp(inputs, targets, mask):
         return (-cross_entropy(model(inputs), targets) * mask).sum(axis=1)
@@ -78,8 +78,7 @@ def continuation_logprobs(model, pairs) -> list:
             mask[row, len(pairs[i][0]) - 1:len(seq) - 1] = 1.0
         arrays = (mx.array(inputs), mx.array(targets), mx.array(mask))
         with cpu.blas_threads(threads):
-            parts = across_streams(rows_logp, streams, *arrays) if streams else [rows_logp(*arrays)]
-            sums = mx.concatenate(parts).tolist()
+            sums = mx.concatenate(across_streams(rows_logp, streams, *arrays)).tolist()
         for i, value in zip(chunk, sums):
             out[i] = value
     return out

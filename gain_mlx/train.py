@@ -217,7 +217,7 @@ def loss_and_grad(model, micro_batches=1):
     losses and gradients are summed over the parts, then divided by the token count.
     """
     value_and_grad = nn.value_and_grad(model, summed_loss)
-    streams = [mx.new_stream(mx.cpu) for _ in range(micro_batches)] if micro_batches > 1 else []
+    streams = cpu.streams(micro_batches)
 
     def f(batch, lengths):
         if not streams:

@@ -148,3 +148,17 @@ def test_evaluate_loss_equals_mlx_lm_default_loss(tiny_model_dir, retain_file):
     assert tokens > 100
     assert evaluate_loss(model, retain, 4, 2, 128) == pytest.approx(total / tokens, rel=1e-5)
     mx.clear_cache()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc/self/task (Linux)")
+def test_evaluations_reuse_their_cpu_streams(tiny_model_dir, retain_file):
+    """MLX gives every new stream a thread it never frees: repeated evaluations must not add any."""
+    import os
+
+    model, tokenizer = load(str(tiny_model_dir))
+    _, retain = load_retain_set(str(retain_file), tokenizer, parse_args(["--max-seq-length", "128"]))
+    evaluate_loss(model, retain, 4, 2, 128)
+    threads = len(os.listdir("/proc/self/task"))
+    for _ in range(3):
+        evaluate_loss(model, retain, 4, 2, 128)
+    assert len(os.listdir("/proc/self/task")) == threads

@@ -269,7 +269,7 @@ class MatmulLimit:
     def __init__(self, shapes, parallel=None, min_time=0.02):
         self.min_time = min_time
         self.parallel = parallel if parallel and parallel[0] > 1 else None
-        self.streams = [mx.new_stream(mx.cpu) for _ in range(self.parallel[0])] if self.parallel else []
+        self.streams = list(cpu.streams(self.parallel[0])) if self.parallel else []
         self.shapes = sorted(set(shapes))
         parts = {_split(*s, len(self.streams)) for s in self.shapes} if self.parallel else set()
         self.operands = {s: _operands(*s) for s in sorted(set(self.shapes) | parts)}
