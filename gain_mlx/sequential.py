@@ -372,6 +372,14 @@ def _cell(row, name, key="summary"):
     return fmt(value) + (f" [{fmt(spread[0])}, {fmt(spread[1])}]" if spread else "")
 
 
+def cost(run) -> dict:
+    """A run's mean training and evaluation seconds per stage and the share of it spent
+    evaluating, from its ``stage_seconds``."""
+    times = np.array(run["stage_seconds"])
+    return {"train_s": float(times[:, 0].mean()), "eval_s": float(times[:, 1].mean()),
+            "eval_share": float(times[:, 1].sum() / times.sum()), "minutes": float(times.sum() / 60)}
+
+
 def markdown(results) -> str:
     domains, ref_names = results["domains"], [("base", "summary")]
     rows = results["aggregate"]
@@ -432,6 +440,14 @@ def markdown(results) -> str:
             lines.append(f"| {stage} | " + " | ".join(
                 f"{p:.2f} ({_pct(_change(p, b))})" for p, b in zip(row, results["base_ppl"])) + " |")
         lines.append("")
+    lines += ["## Cost", "", "Wall-clock time of each run from its `stage_seconds` (a run made while other "
+              "processes shared the cores takes longer).", "",
+              "| method | lr | seed | finished | training s / stage | evaluation s / stage | evaluation share | minutes |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results["sweep"]:
+        c = cost(r)
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r.get('seed', 0)} | {r['finished']} | {c['train_s']:.0f} | "
+                     f"{c['eval_s']:.0f} | {100 * c['eval_share']:.0f}% | {c['minutes']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -188,6 +188,12 @@ def test_seeds_probe_and_per_run_files(tmp_path, tiny_model_dir):
             assert row["summary"][key] == pytest.approx(np.mean([p[key] for p in pair]))
             assert row["range"][key] == pytest.approx(sorted(p[key] for p in pair))
     assert "| gain-ffn | 0.01 | 2 |" in (out / "results.md").read_text()
+    # the cost table: evaluation's share of each run's stage times
+    times = np.array(runs["lora", 1]["stage_seconds"])
+    assert sequential.cost(runs["lora", 1]) == pytest.approx({
+        "train_s": times[:, 0].mean(), "eval_s": times[:, 1].mean(),
+        "eval_share": times[:, 1].sum() / times.sum(), "minutes": times.sum() / 60})
+    assert f"| lora | 0.001 | 1 | {runs['lora', 1]['finished']} | {times[:, 0].mean():.0f} |" in (out / "results.md").read_text()
     # resumable from the per-run files: nothing reruns, the base numbers come from base.json
     again = sequential.run(args, log=lambda *a: None)
     assert [r["finished"] for r in again["sweep"]] == [r["finished"] for r in results["sweep"]]
