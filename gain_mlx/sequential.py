@@ -520,7 +520,9 @@ def _write(out: Path, results) -> None:
 
 def finish(results, methods) -> dict:
     """Order the runs (``methods`` first, rising rate, seed); add summaries, the mean over
-    seeds of each (method, rate), headlines and the matched level (on those means)."""
+    seeds of each (method, rate), headlines and the matched level (on those means) over
+    every method in the sweep, not only those this process trains."""
+    methods = list(dict.fromkeys(list(methods) + [r["method"] for r in results["sweep"]]))
     rank = {m: i for i, m in enumerate(methods)}  # resumed or combined runs come in any order
     results["sweep"].sort(key=lambda r: (rank.get(r["method"], len(rank)), r["method"], r["lr"], r.get("seed", 0)))
     reference = results["base_ppl"]
@@ -581,7 +583,6 @@ def report(out: Path, results, cfg, log=print) -> dict:
 
 def publish(out: Path, results, methods, log=print) -> dict:
     """Tables, results.json/.md and plots from every finished run (``methods`` first)."""
-    methods = list(dict.fromkeys(list(methods) + [r["method"] for r in results["sweep"]]))
     results = finish(results, methods)
     results["seconds"] = round(sum(r["seconds"] for r in results["sweep"]), 1)
     _write(out, results)

@@ -144,6 +144,9 @@ def test_runs_are_listed_by_method_then_rate():
     results = sequential.finish({"base_ppl": [3.0, 3.0], "sweep": runs}, ["y", "x"])
     assert [(r["method"], r["lr"]) for r in results["sweep"]] == [
         ("y", 1e-3), ("y", 3e-3), ("y", 1e-2), ("x", 1e-3), ("x", 1e-2), ("z", 1e-3)]
+    # runs of methods this process does not train (resumed, combined) get headlines too, so
+    # results.json written after each run matches the one written at the end
+    assert list(results["methods"]) == ["y", "x", "z"] and set(results["matched"]["rates"]) == {"x", "y", "z"}
 
 
 def test_lora_runs_do_not_depend_on_what_ran_before(tmp_path, tiny_model_dir):
