@@ -2,13 +2,17 @@
 
 On a CPU, cross entropy takes one exponential pass over the vocabulary (as ``2 ** x``,
 which MLX's Linux wheel runs ~2.5x faster than ``exp``) and keeps it for the backward
-pass; on a GPU, mlx's fused kernel.
+pass; on a GPU, mlx's fused kernel. Evaluation needs no gradient, so on a CPU it takes
+the logits out of MLX and computes the loss in numpy, whose vectorized ``exp`` runs
+~8x faster than MLX's CPU cross entropy (see :func:`token_losses`).
 """
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 
 LOG2E = math.log2(math.e)
@@ -47,6 +51,55 @@ def cross_entropy(logits, targets):
     return _cpu_cross_entropy(logits, targets)[0]
 
 
+def _numpy_token_losses(logits: np.ndarray, targets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Cross entropy at the flat positions ``rows`` of float32 ``logits`` (N, V), in numpy.
+
+    A few positions at a time, so each pass over the vocabulary stays in the CPU cache.
+    """
+    vocab = logits.shape[-1]
+    step = max(1, (1 << 18) // vocab)  # ~1 MB of logits per block
+    out = np.empty(len(rows), np.float32)
+    block = np.empty((step, vocab), np.float32)
+    for lo in range(0, len(rows), step):
+        idx = rows[lo:lo + step]
+        b = block[:len(idx)]
+        np.take(logits, idx, axis=0, out=b)
+        picked = b[np.arange(len(idx)), targets[idx]]
+        top = b.max(axis=1)
+        np.subtract(b, top[:, None], out=b)
+        np.exp(b, out=b)
+        out[lo:lo + len(idx)] = np.log(b.sum(axis=1)) + top - picked
+    return out
+
+
+def token_losses(model, inputs, targets, mask, streams) -> np.ndarray:
+    """Per-token cross entropy of ``model(inputs)`` for evaluation (no gradient), as a
+    float32 numpy array shaped like ``targets`` with zeros where ``mask`` is 0.
+
+    The forward passes run :func:`across_streams`. On a CPU, the loss is then computed in
+    numpy, one thread per part, and only at the masked-in positions; elsewhere, with
+    mlx's :func:`cross_entropy`.
+    """
+    targets, mask = np.asarray(targets), np.asarray(mask)
+    parts = across_streams(lambda x: model(x).astype(mx.float32), streams, mx.array(inputs))
+    mx.eval(parts)
+    if mx.default_device() != mx.cpu:
+        return np.asarray(cross_entropy(mx.concatenate(parts), mx.array(targets))) * mask
+    bounds = np.cumsum([0] + [p.shape[0] for p in parts])
+
+    def part_losses(i):
+        logits = np.asarray(parts[i])
+        lo, hi = bounds[i], bounds[i + 1]
+        flat_targets = targets[lo:hi].reshape(-1)
+        rows = np.flatnonzero(mask[lo:hi].reshape(-1))
+        out = np.zeros(flat_targets.shape, np.float32)
+        out[rows] = _numpy_token_losses(logits.reshape(-1, logits.shape[-1]), flat_targets, rows)
+        return out.reshape(hi - lo, -1)
+
+    with ThreadPoolExecutor(len(parts)) as pool:  # numpy releases the GIL: one core each
+        return np.concatenate(list(pool.map(part_losses, range(len(parts)))))
+
+
 def summed_loss(model, batch, lengths):
     """``(sum of the token losses, token count)``: mlx-lm's ``default_loss`` before its mean."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -72,7 +125,12 @@ def across_streams(fn, streams, *arrays) -> list:
     return parts
 
 
-def split_summed_loss(model, batch, lengths, streams):
-    """:func:`summed_loss`, split :func:`across_streams`."""
-    parts = across_streams(lambda b, l: summed_loss(model, b, l), streams, batch, lengths)
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+def evaluation_loss(model, batch, lengths, streams) -> tuple:
+    """``(sum of the token losses, token count)`` as :func:`summed_loss` computes them, for
+    evaluation: the forward passes split :func:`across_streams`, the loss by
+    :func:`token_losses`, summed in float64."""
+    batch, lengths = np.asarray(batch), np.asarray(lengths)
+    steps = np.arange(1, batch.shape[1])
+    mask = (steps >= lengths[:, 0:1]) & (steps <= lengths[:, 1:])
+    losses = token_losses(model, batch[:, :-1], batch[:, 1:], mask, streams)
+    return float(losses.sum(dtype=np.float64)), int(mask.sum())

@@ -19,7 +19,7 @@ from mlx_lm.tuner.trainer import iterate_batches
 from . import cpu
 from .errors import UserError
 from .files import atomic_write
-from .loss import split_summed_loss
+from .loss import evaluation_loss
 from .progress import progress, say
 
 HISTORY_FILE = "history.json"
@@ -65,21 +65,19 @@ def evaluate_loss(model, dataset, batch_size, num_batches, max_seq_length, desc=
     model.eval()
     micro_batches, threads = cpu.step_parallelism(batch_size)  # the cores side by side, as in training
     streams = cpu.streams(micro_batches)
-    total_loss, total_tokens = mx.array(0.0), mx.array(0)
+    total_loss, total_tokens = 0.0, 0
     bar = progress(total=n_batches, desc=desc, unit="batch", leave=False) if desc else None
     for _, (batch, lengths) in zip(range(n_batches), batches):
         with cpu.blas_threads(threads):
-            loss, ntoks = split_summed_loss(model, batch, lengths, streams)
-            total_loss += loss
-            total_tokens += ntoks
-            mx.eval(total_loss, total_tokens)
+            loss, ntoks = evaluation_loss(model, batch, lengths, streams)
+        total_loss += loss
+        total_tokens += ntoks
         if bar is not None:
             bar.update()
     if bar is not None:
         bar.close()
-    total_loss = mx.distributed.all_sum(total_loss, stream=mx.cpu)
-    total_tokens = mx.distributed.all_sum(total_tokens, stream=mx.cpu)
-    return (total_loss / total_tokens).item()
+    totals = mx.distributed.all_sum(mx.array([total_loss, total_tokens]), stream=mx.cpu)
+    return (totals[0] / totals[1]).item()
 
 
 def load_retain_set(spec, tokenizer, config):

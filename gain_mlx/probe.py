@@ -11,12 +11,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
 from . import cpu
 from .errors import UserError, cli
-from .loss import across_streams, cross_entropy
+from .loss import token_losses
 
 DEFAULT_PROBE = ".cache/corpora/probe/definitions.jsonl"
 PROBE_HINT = "python tools/make_probe.py"
@@ -60,9 +59,6 @@ def continuation_logprobs(model, pairs) -> list:
     micro_batches, threads = cpu.step_parallelism(BATCH)  # the cores side by side, as in training
     streams = cpu.streams(micro_batches)
 
-    def rows_logp(inputs, targets, mask):
-        return (-cross_entropy(model(inputs), targets) * mask).sum(axis=1)
-
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     out = [0.0] * len(pairs)
     for start in range(0, len(order), BATCH):
@@ -76,9 +72,8 @@ def continuation_logprobs(model, pairs) -> list:
             inputs[row, :len(seq) - 1] = seq[:-1]
             targets[row, :len(seq) - 1] = seq[1:]
             mask[row, len(pairs[i][0]) - 1:len(seq) - 1] = 1.0
-        arrays = (mx.array(inputs), mx.array(targets), mx.array(mask))
         with cpu.blas_threads(threads):
-            sums = mx.concatenate(across_streams(rows_logp, streams, *arrays)).tolist()
+            sums = (-token_losses(model, inputs, targets, mask, streams).sum(axis=1, dtype=np.float64)).tolist()
         for i, value in zip(chunk, sums):
             out[i] = value
     return out
