@@ -72,16 +72,17 @@ def _numpy_token_losses(logits: np.ndarray, targets: np.ndarray, rows: np.ndarra
     return out
 
 
-def token_losses(model, inputs, targets, mask, streams) -> np.ndarray:
-    """Per-token cross entropy of ``model(inputs)`` for evaluation (no gradient), as a
-    float32 numpy array shaped like ``targets`` with zeros where ``mask`` is 0.
+def token_losses(forward, inputs, targets, mask, streams) -> np.ndarray:
+    """Per-token cross entropy of the logits ``forward(*inputs)`` for evaluation (no
+    gradient), as a float32 numpy array shaped like ``targets``, zeros where ``mask`` is 0.
 
-    The forward passes run :func:`across_streams`. On a CPU, the loss is then computed in
-    numpy, one thread per part, and only at the masked-in positions; elsewhere, with
-    mlx's :func:`cross_entropy`.
+    ``inputs`` is a tuple of arrays split along their first axis :func:`across_streams`
+    (a model and ``(token_ids,)``, say). On a CPU, the loss is then computed in numpy, one
+    thread per part, and only at the masked-in positions; elsewhere with mlx's
+    :func:`cross_entropy`.
     """
     targets, mask = np.asarray(targets), np.asarray(mask)
-    parts = across_streams(lambda x: model(x).astype(mx.float32), streams, mx.array(inputs))
+    parts = across_streams(lambda *x: forward(*x).astype(mx.float32), streams, *map(mx.array, inputs))
     mx.eval(parts)
     if mx.default_device() != mx.cpu:
         return np.asarray(cross_entropy(mx.concatenate(parts), mx.array(targets))) * mask
@@ -132,5 +133,5 @@ def evaluation_loss(model, batch, lengths, streams) -> tuple:
     batch, lengths = np.asarray(batch), np.asarray(lengths)
     steps = np.arange(1, batch.shape[1])
     mask = (steps >= lengths[:, 0:1]) & (steps <= lengths[:, 1:])
-    losses = token_losses(model, batch[:, :-1], batch[:, 1:], mask, streams)
+    losses = token_losses(model, (batch[:, :-1],), batch[:, 1:], mask, streams)
     return float(losses.sum(dtype=np.float64)), int(mask.sum())

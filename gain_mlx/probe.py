@@ -11,7 +11,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import KVCache
 
 from . import cpu
 from .errors import UserError, cli
@@ -19,7 +21,7 @@ from .loss import token_losses
 
 DEFAULT_PROBE = ".cache/corpora/probe/definitions.jsonl"
 PROBE_HINT = "python tools/make_probe.py"
-BATCH = 16  # sequences per forward pass
+BATCH = 32  # continuations per forward pass (fewer, longer passes spend longer copying caches and padding)
 
 
 @dataclass
@@ -50,32 +52,72 @@ def load_probe(path, tokenizer, limit=None) -> Probe:
     return Probe(contexts, choices, n_bytes, np.array([item["answer"] for item in items]))
 
 
+class SharedPrefix(KVCache):
+    """One attention layer's keys and values of a batch of prefixes (contexts), computed
+    once; :meth:`rows` gives the cache for a batch of continuations of some of them.
+
+    Unlike mlx-lm's ``KVCache`` it keeps exactly the positions computed (no 256-position
+    buffers), since each continuation batch copies the rows it needs.
+    """
+
+    def __init__(self, keys=None, values=None):
+        super().__init__()
+        if keys is not None:
+            self.keys, self.values, self.offset = keys, values, keys.shape[2]
+
+    def update_and_fetch(self, keys, values):
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        self.keys, self.values, self.offset = keys, values, keys.shape[2]
+        return keys, values
+
+    def rows(self, index):
+        return SharedPrefix(self.keys[index], self.values[index]) if self.keys is not None else SharedPrefix()
+
+
 def continuation_logprobs(model, pairs) -> list:
     """Sum of log p(continuation | context) for each ``(context, continuation)`` pair.
 
-    Pairs are batched in order of length, so a batch carries little padding (in the
-    definitions probe, 6.6K tokens computed instead of 9.4K in file order).
+    Each distinct context runs once, all but its last token, into :class:`SharedPrefix`
+    caches (a question's four choices share it); only its keys and values are computed,
+    never its logits. Each continuation then runs from the context's last token against
+    its rows of the cache, in batches ordered by length so they carry little padding. In
+    the definitions probe: 4.4K tokens through the layers and 3.9K through the output
+    layer, against 6.6K each when every pair ran whole.
     """
     micro_batches, threads = cpu.step_parallelism(BATCH)  # the cores side by side, as in training
     streams = cpu.streams(micro_batches)
-
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     out = [0.0] * len(pairs)
-    for start in range(0, len(order), BATCH):
-        chunk = order[start:start + BATCH]
-        seqs = [pairs[i][0] + pairs[i][1] for i in chunk]
-        width = max(map(len, seqs)) - 1
-        inputs = np.zeros((len(seqs), width), np.int32)
-        targets = np.zeros((len(seqs), width), np.int32)
-        mask = np.zeros((len(seqs), width), np.float32)
-        for row, (i, seq) in enumerate(zip(chunk, seqs)):
-            inputs[row, :len(seq) - 1] = seq[:-1]
-            targets[row, :len(seq) - 1] = seq[1:]
-            mask[row, len(pairs[i][0]) - 1:len(seq) - 1] = 1.0
-        with cpu.blas_threads(threads):
-            sums = (-token_losses(model, inputs, targets, mask, streams).sum(axis=1, dtype=np.float64)).tolist()
-        for i, value in zip(chunk, sums):
-            out[i] = value
+    groups = {}  # contexts of one length run as one batch
+    for ctx in dict.fromkeys(tuple(c) for c, _ in pairs):
+        groups.setdefault(len(ctx), []).append(ctx)
+    for contexts in groups.values():
+        row_of = {ctx: row for row, ctx in enumerate(contexts)}
+        prefix = [SharedPrefix() for _ in model.layers]
+        if len(contexts[0]) > 1:
+            model(mx.array([ctx[:-1] for ctx in contexts]), cache=prefix)  # lazy: only keys and values are used
+        members = sorted((i for i, (c, _) in enumerate(pairs) if tuple(c) in row_of), key=lambda i: len(pairs[i][1]))
+
+        def forward(inputs, rows):
+            return model(inputs, cache=[layer.rows(rows) for layer in prefix])
+
+        for start in range(0, len(members), BATCH):
+            chunk = members[start:start + BATCH]
+            width = max(len(pairs[i][1]) for i in chunk)
+            inputs = np.zeros((len(chunk), width), np.int32)
+            targets = np.zeros((len(chunk), width), np.int32)
+            mask = np.zeros((len(chunk), width), bool)
+            for row, i in enumerate(chunk):
+                ctx, cont = pairs[i]
+                inputs[row, :len(cont)] = [ctx[-1], *cont[:-1]]
+                targets[row, :len(cont)] = cont
+                mask[row, :len(cont)] = True
+            rows = np.array([row_of[tuple(pairs[i][0])] for i in chunk])
+            with cpu.blas_threads(threads):
+                losses = token_losses(forward, (inputs, rows), targets, mask, streams)
+            for i, value in zip(chunk, -losses.sum(axis=1, dtype=np.float64)):
+                out[i] = float(value)
     return out
 
 

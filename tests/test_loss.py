@@ -45,7 +45,7 @@ def test_token_losses_split_across_streams(tiny_llama, n_streams):
     rng = np.random.default_rng(1)
     inputs, targets = rng.integers(0, 300, (5, 7)), rng.integers(0, 300, (5, 7))
     mask = rng.random((5, 7)) < 0.7
-    got = token_losses(tiny_llama, inputs, targets, mask, cpu.streams(n_streams))
+    got = token_losses(tiny_llama, (inputs,), targets, mask, cpu.streams(n_streams))
     logits = np.asarray(tiny_llama(mx.array(inputs)).astype(mx.float32)).reshape(-1, 300)
     want = _float64_cross_entropy(logits, targets.reshape(-1)).reshape(5, 7) * mask
     assert got.shape == (5, 7) and got.dtype == np.float32

@@ -109,3 +109,21 @@ def test_cli_prints_the_scores(tmp_path, tiny_model_dir):
     r = subprocess.run([sys.executable, "-m", "gain_mlx.probe", "--model", str(tiny_model_dir), "--probe",
                         str(tmp_path / "none.jsonl")], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: probe ")
+
+
+def test_shared_contexts_match_whole_sequences(tiny_model_dir, monkeypatch):
+    """Contexts computed once into SharedPrefix caches give each pair's whole-sequence log-likelihood:
+    choices of one context split across batches and CPU streams, contexts of equal length batched
+    together, and a one-token context (no prefix to cache)."""
+    model, tokenizer = load(str(tiny_model_dir))
+    monkeypatch.setattr(P, "BATCH", 3)
+    contexts = ["Word: a\nDefinition:", "Word: b\nDefinition:", "Word: cc dd\nDefinition:"]
+    endings = [" One.", " Two words.", " A third, longer ending here.", " Four."]
+    texts = [(c, e) for c in contexts for e in endings]
+    pairs = [(tokenizer.encode(c), tokenizer.encode(c + e)[len(tokenizer.encode(c)):]) for c, e in texts]
+    pairs.append((pairs[0][0][-1:], pairs[0][1]))  # a context of one token
+    assert len(pairs[0][0]) == len(pairs[4][0]) != len(pairs[8][0]), "two contexts of one length, one of another"
+    got = P.continuation_logprobs(model, pairs)
+    logp = [nn.log_softmax(model(mx.array([c + x][:1])[:, :-1])[0].astype(mx.float32), axis=-1) for c, x in pairs]
+    want = [sum(lp[len(c) - 1 + k, t].item() for k, t in enumerate(x)) for lp, (c, x) in zip(logp, pairs)]
+    assert got == pytest.approx(want, rel=1e-4)
