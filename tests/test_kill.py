@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -273,10 +274,20 @@ def test_cache_concurrent_runs_convert_once(gguf_file, tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         procs = [subprocess.Popen([sys.executable, "-c", CACHED, str(gguf_file)], cwd=ROOT, env=env, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
-        time.sleep(12)  # they start, find no conversion and wait at the lock
-        assert all(p.poll() is None for p in procs)
-    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
-    assert sum("waiting for another process" in err for _, err, _ in results) >= 2, results
+        errs = [[] for _ in procs]  # stderr lines, read as they come: the lock is released once all wait
+        readers = [threading.Thread(target=lambda p, e: e.extend(p.stderr), args=(p, e)) for p, e in zip(procs, errs)]
+        for reader in readers:
+            reader.start()
+        deadline = time.monotonic() + 240  # a loaded machine takes long to start three Pythons
+        while time.monotonic() < deadline and not all(any("waiting for another" in x for x in e) for e in errs):
+            assert all(p.poll() is None for p in procs), errs  # none may convert while the lock is held
+            time.sleep(0.2)
+    outs = [p.stdout.read() for p in procs]  # stderr is the readers' (communicate would race them)
+    for p, reader in zip(procs, readers):
+        p.wait(timeout=300)
+        reader.join()
+    results = [(out, "".join(err), p.returncode) for out, err, p in zip(outs, errs, procs)]
+    assert sum("waiting for another process" in err for _, err, _ in results) == 3, results
     assert all(code == 0 for _, _, code in results), results
     assert len({out.strip() for out, _, _ in results}) == 1
     assert sum("] converting" in err for _, err, _ in results) == 1, results
