@@ -77,7 +77,7 @@ def token_losses(forward, inputs, targets, mask, streams) -> np.ndarray:
     gradient), as a float32 numpy array shaped like ``targets``, zeros where ``mask`` is 0.
 
     ``inputs`` is a tuple of arrays split along their first axis :func:`across_streams`
-    (a model and ``(token_ids,)``, say). On a CPU, the loss is then computed in numpy, one
+    (``forward`` a model and ``inputs`` ``(token_ids,)``, say). On a CPU, the loss is then computed in numpy, one
     thread per part, and only at the masked-in positions; elsewhere with mlx's
     :func:`cross_entropy`.
     """
