@@ -52,7 +52,7 @@ _RATES = {"gain": [1e-3, 3e-3, 1e-2], "gain-ffn": [1e-3, 3e-3, 1e-2], "lora": [3
 PRESETS = {
     # Control stage + three domains, GAIN-FFN against LoRA on the same projections, three
     # rates each: 6 runs x 4 stages of 4 steps x 4 x 64 tokens. SmolLM2-135M, 2 CPU cores
-    # with OpenBLAS: 17 min measured on an idle machine (docs/RESULTS.md).
+    # with OpenBLAS: 4 min 18 s measured on an idle machine (docs/RESULTS.md).
     "quick": {
         "domains": ["legal", "medical", "drama"],
         "control": "generic",
