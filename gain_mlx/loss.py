@@ -77,9 +77,9 @@ def token_losses(forward, inputs, targets, mask, streams) -> np.ndarray:
     gradient), as a float32 numpy array shaped like ``targets``, zeros where ``mask`` is 0.
 
     ``inputs`` is a tuple of arrays split along their first axis :func:`across_streams`
-    (``forward`` a model and ``inputs`` ``(token_ids,)``, say). On a CPU, the loss is then computed in numpy, one
-    thread per part, and only at the masked-in positions; elsewhere with mlx's
-    :func:`cross_entropy`.
+    (``forward`` a model and ``inputs`` ``(token_ids,)``, say). On a CPU, the loss is then
+    computed in numpy, one thread per part, and only at the masked-in positions; elsewhere
+    with mlx's :func:`cross_entropy`.
     """
     targets, mask = np.asarray(targets), np.asarray(mask)
     parts = across_streams(lambda *x: forward(*x).astype(mx.float32), streams, *map(mx.array, inputs))

@@ -124,6 +124,6 @@ def test_shared_contexts_match_whole_sequences(tiny_model_dir, monkeypatch):
     pairs.append((pairs[0][0][-1:], pairs[0][1]))  # a context of one token
     assert len(pairs[0][0]) == len(pairs[4][0]) != len(pairs[8][0]), "two contexts of one length, one of another"
     got = P.continuation_logprobs(model, pairs)
-    logp = [nn.log_softmax(model(mx.array([c + x][:1])[:, :-1])[0].astype(mx.float32), axis=-1) for c, x in pairs]
+    logp = [nn.log_softmax(model(mx.array([c + x])[:, :-1])[0].astype(mx.float32), axis=-1) for c, x in pairs]
     want = [sum(lp[len(c) - 1 + k, t].item() for k, t in enumerate(x)) for lp, (c, x) in zip(logp, pairs)]
     assert got == pytest.approx(want, rel=1e-4)
