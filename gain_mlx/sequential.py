@@ -149,9 +149,9 @@ def _merge_lora(model):
     model.freeze()
 
 
-METHODS = {
-    "gain": (_attach_gains("gain"), _merge_gains),
+METHODS = {  # in the order reports list them
     "gain-ffn": (_attach_gains("gain-ffn"), _merge_gains),
+    "gain": (_attach_gains("gain"), _merge_gains),
     "lora": (_attach_lora(default=False), _merge_lora),
     "lora-default": (_attach_lora(default=True), _merge_lora),
 }
@@ -518,13 +518,13 @@ def _write(out: Path, results) -> None:
     atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown(results)))
 
 
-def finish(results, methods) -> dict:
-    """Order the runs (``methods`` first, rising rate, seed); add summaries, the mean over
-    seeds of each (method, rate), headlines and the matched level (on those means) over
-    every method in the sweep, not only those this process trains."""
-    methods = list(dict.fromkeys(list(methods) + [r["method"] for r in results["sweep"]]))
-    rank = {m: i for i, m in enumerate(methods)}  # resumed or combined runs come in any order
+def finish(results) -> dict:
+    """Order the runs (as in ``METHODS``, rising rate, seed: the same report whichever
+    process writes it); add summaries, the mean over seeds of each (method, rate),
+    headlines and the matched level (on those means) over every method in the sweep."""
+    rank = {m: i for i, m in enumerate(METHODS)}  # resumed or combined runs come in any order
     results["sweep"].sort(key=lambda r: (rank.get(r["method"], len(rank)), r["method"], r["lr"], r.get("seed", 0)))
+    methods = list(dict.fromkeys(r["method"] for r in results["sweep"]))
     reference = results["base_ppl"]
     for r in results["sweep"]:
         r["summary"] = summarize(r["ppl"], reference)
@@ -576,14 +576,14 @@ def report(out: Path, results, cfg, log=print) -> dict:
     if not results["sweep"] or cached.get("identity") != identity:
         raise ValueError(f"{out}: no finished runs with these settings to report (run without --report first)")
     results["base_ppl"], results["probe_base"] = cached["base_ppl"], cached["probe_base"]
-    results = publish(out, results, cfg.methods, log)
+    results = publish(out, results, log)
     log(f"Reported {len(results['sweep'])} runs from {out}")
     return results
 
 
-def publish(out: Path, results, methods, log=print) -> dict:
-    """Tables, results.json/.md and plots from every finished run (``methods`` first)."""
-    results = finish(results, methods)
+def publish(out: Path, results, log=print) -> dict:
+    """Tables, results.json/.md and plots from every finished run."""
+    results = finish(results)
     results["seconds"] = round(sum(r["seconds"] for r in results["sweep"]), 1)
     _write(out, results)
     plots(results, out, log)
@@ -598,8 +598,6 @@ def run(cfg, log=print) -> dict:
 
     folders = [_folder(d, cfg.data_root) for d in cfg.domains]
     control_folder = _folder(cfg.control, cfg.data_root) if cfg.control else None
-    for folder in folders + [control_folder] * bool(control_folder):
-        check_domain(folder)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(cfg, k) for k in
@@ -615,8 +613,10 @@ def run(cfg, log=print) -> dict:
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, mlx {mx.__version__}, "
                    f"device {mx.default_device()}",
     }
-    if cfg.report:
+    if cfg.report:  # from the run files alone: neither the model nor the corpora are needed
         return report(out, results, cfg, log)
+    for folder in folders + [control_folder] * bool(control_folder):
+        check_domain(folder)
     model, tokenizer, model_path = load_model(cfg.model)
     base = dequantize_model(model)  # CPU: float matmuls use BLAS, quantized ones do not
     base.freeze()
@@ -657,8 +657,8 @@ def run(cfg, log=print) -> dict:
                 result = run_method(base, method, lr, stages, domains, cfg, seed, probe, log)
                 _save_json(out / "runs" / _run_name(method, lr, seed), {"identity": identity, "run": result})
                 results["sweep"].append(result)
-                _write(out, finish(results, cfg.methods))
-    return publish(out, results, cfg.methods, log)
+                _write(out, finish(results))
+    return publish(out, results, log)
 
 
 def build_parser():

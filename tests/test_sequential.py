@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -139,14 +140,16 @@ def test_pareto_front_and_matched_level():
 
 def test_runs_are_listed_by_method_then_rate():
     # a resumed or combined sweep appends runs in the order they finished, not by rate
+    # (and whichever process writes the report, it lists them in one order: METHODS, then others)
     runs = [{"method": m, "lr": lr, "ppl": [[2.0, 3.0], [2.5, 2.0]], "control_ppl": None} for m, lr in
-            [("z", 1e-3), ("y", 3e-3), ("x", 1e-2), ("y", 1e-3), ("x", 1e-3), ("y", 1e-2)]]
-    results = sequential.finish({"base_ppl": [3.0, 3.0], "sweep": runs}, ["y", "x"])
+            [("z", 1e-3), ("lora", 3e-3), ("gain-ffn", 1e-2), ("lora", 1e-3), ("gain-ffn", 1e-3), ("lora", 1e-2)]]
+    results = sequential.finish({"base_ppl": [3.0, 3.0], "sweep": runs})
     assert [(r["method"], r["lr"]) for r in results["sweep"]] == [
-        ("y", 1e-3), ("y", 3e-3), ("y", 1e-2), ("x", 1e-3), ("x", 1e-2), ("z", 1e-3)]
-    # runs of methods this process does not train (resumed, combined) get headlines too, so
-    # results.json written after each run matches the one written at the end
-    assert list(results["methods"]) == ["y", "x", "z"] and set(results["matched"]["rates"]) == {"x", "y", "z"}
+        ("gain-ffn", 1e-3), ("gain-ffn", 1e-2), ("lora", 1e-3), ("lora", 3e-3), ("lora", 1e-2), ("z", 1e-3)]
+    # every method in the sweep gets a headline, whether this process trains it or not
+    # (resumed, combined), so results.json written after each run matches the one written at the end
+    assert list(results["methods"]) == ["gain-ffn", "lora", "z"]
+    assert set(results["matched"]["rates"]) == {"gain-ffn", "lora", "z"}
 
 
 def test_lora_runs_do_not_depend_on_what_ran_before(tmp_path, tiny_model_dir):
@@ -200,8 +203,10 @@ def test_seeds_probe_and_per_run_files(tmp_path, tiny_model_dir):
     # resumable from the per-run files: nothing reruns, the base numbers come from base.json
     again = sequential.run(args, log=lambda *a: None)
     assert [r["finished"] for r in again["sweep"]] == [r["finished"] for r in results["sweep"]]
-    # --report assembles the same tables from the run files alone, without training
+    # --report assembles the same tables from the run files alone, without training or the corpora
     (out / "results.json").unlink()
+    for name in ("alpha", "beta", "gamma", "control"):
+        shutil.rmtree(tmp_path / name)
     args.report = True
     reported = sequential.run(args, log=lambda *a: None)
     assert reported["aggregate"] == again["aggregate"] and (out / "results.json").is_file()
