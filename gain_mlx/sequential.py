@@ -599,7 +599,6 @@ def run(cfg, log=print) -> dict:
     folders = [_folder(d, cfg.data_root) for d in cfg.domains]
     control_folder = _folder(cfg.control, cfg.data_root) if cfg.control else None
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(cfg, k) for k in
                 ("steps", "batch_size", "max_seq_length", "val_examples", "merge", "control",
                  "lora_rank", "lora_scale", "lora_layers", "probe_questions")}
@@ -617,6 +616,7 @@ def run(cfg, log=print) -> dict:
         return report(out, results, cfg, log)
     for folder in folders + [control_folder] * bool(control_folder):
         check_domain(folder)
+    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, model_path = load_model(cfg.model)
     base = dequantize_model(model)  # CPU: float matmuls use BLAS, quantized ones do not
     base.freeze()

@@ -123,6 +123,12 @@ def test_bad_input_is_one_line(tmp_path):
     assert (r.returncode, r.stderr.strip().splitlines()) == (2, ["error: --steps must be positive"])
     with pytest.raises(SystemExit, match="make_corpora"):
         sequential.main(["--out", str(tmp_path / "o"), "--data-root", str(tmp_path), "--model", "x"])
+    assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
+    # --report on a folder with no runs: one line, and no empty output folder left behind
+    r = subprocess.run([sys.executable, "-m", "gain_mlx.sequential", "--out", str(tmp_path / "none"), "--report"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].endswith("(run without --report first)")
+    assert "Traceback" not in r.stderr and not (tmp_path / "none").exists()
 
 
 def test_pareto_front_and_matched_level():
