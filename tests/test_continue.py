@@ -266,3 +266,21 @@ def test_report_to_swanlab_offline(tiny_model_dir, domains, tmp_path, monkeypatc
         assert scalars[("val_loss", r["step"])] == pytest.approx(math.log(r["val_ppl"]), rel=1e-6)
     assert ("train_loss", 4) in scalars
     mx.clear_cache()
+
+
+def test_cards_show_the_lineage(tiny_model_dir, domains, tmp_path):
+    from gain_mlx.fuse import fuse
+    from gain_mlx.upload import adapter_card, fused_card
+
+    a1, a2 = tmp_path / "a1", tmp_path / "a2"
+    _train(tiny_model_dir, domains / "alpha", a1, "--retain-data", "none", "--iters", "2")
+    _train(tiny_model_dir, domains / "beta", a2, "--resume-adapter-file", str(a1), "--iters", "2",
+           "--retain-data", "none")
+    card = adapter_card(a2, "me/a2")
+    assert "## Lineage" in card and "| 1 | `alpha` |" in card and "| 2 | `beta` |" in card
+    assert "| start (the adapter it continued) | 0 |" in card and "alpha ppl" in card
+    assert "## Lineage" not in adapter_card(a1, "me/a1")
+    fuse(str(tiny_model_dir), a2, tmp_path / "fused", verbose=False)
+    readme = (tmp_path / "fused" / "README.md").read_text()
+    assert "The adapter's training stages" in readme and "| 2 | `beta` |" in readme
+    assert "## Lineage" in fused_card(tmp_path / "fused", "me/fused")
