@@ -259,7 +259,7 @@ def lineage_lines(config: dict) -> list:
              "|---|---|---|---|---|---|"]
     for i, stage in enumerate(lineage, 1):
         data = Path(stage["data"]).name if stage.get("data") else "not recorded"
-        final = Monitor.describe(stage.get("final") or {}) or "-"
+        final = Monitor.describe(stage.get("final") or {}).replace(" | ", "; ") or "-"  # no | in a cell
         lines.append(f"| {i} | `{data}` | `{stage.get('data_fingerprint') or '-'}` | {stage.get('steps', '-')} "
                      f"| {stage.get('learning_rate', '-')} | {final} |")
     return lines if lineage else []

@@ -85,7 +85,8 @@ def test_three_stages_watch_every_earlier_domain(tiny_model_dir, domains, tmp_pa
     assert lineage[0]["final"] == {k: v for k, v in _history(a1)["history"][-1].items()
                                    if k not in ("lr", "within_budget")} | {"kept": "last"}
     card = "\n".join(A.lineage_lines(config))
-    assert "| 3 | `gamma` |" in card and "alpha ppl" in card
+    assert "| 3 | `gamma` |" in card and "; alpha ppl" in card
+    assert all(line.count("|") == 7 for line in card.splitlines())  # no | inside a cell
 
 
 def test_continued_adapter_equals_independent_load(tiny_model_dir, domains, tmp_path):
