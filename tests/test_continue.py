@@ -285,3 +285,29 @@ def test_cards_show_the_lineage(tiny_model_dir, domains, tmp_path):
     readme = (tmp_path / "fused" / "README.md").read_text()
     assert "The adapter's training stages" in readme and "| 2 | `beta` |" in readme
     assert "## Lineage" in fused_card(tmp_path / "fused", "me/fused")
+
+
+def test_interrupted_continued_stage_resumes_exactly(tiny_model_dir, domains, tmp_path):
+    """--resume still continues an interrupted run, here a continued stage: same gains as
+    the uninterrupted stage, the lineage and the watched sets kept."""
+    a1 = tmp_path / "a1"
+    _train(tiny_model_dir, domains / "alpha", a1, "--retain-data", "none")
+    stage = ["--resume-adapter-file", str(a1), "--retain-data", "none", "--save-every", "2"]
+    _train(tiny_model_dir, domains / "beta", tmp_path / "straight", *stage, "--iters", "6")
+    _train(tiny_model_dir, domains / "beta", tmp_path / "split", *stage, "--iters", "2")
+    _train(tiny_model_dir, domains / "beta", tmp_path / "split", "--resume", "--retain-data", "none",
+           "--save-every", "2", "--iters", "6")
+    (c1, straight), (c2, split) = A.read_adapter(tmp_path / "straight"), A.read_adapter(tmp_path / "split")
+    for k in straight:
+        np.testing.assert_allclose(split[k], straight[k], rtol=0, atol=1e-6)
+    assert [s["steps"] for s in c2["lineage"]] == [4, 6]
+    assert c2["lineage"][1]["final"]["alpha_ppl"] == pytest.approx(c1["lineage"][1]["final"]["alpha_ppl"], rel=1e-6)
+    assert [r["step"] for r in _history(tmp_path / "split")["history"]] == [0, 2, 4, 6]
+
+
+def test_adapter_from_before_lineage_continues(tiny_model_dir, domains, tmp_path, adapter_dir):
+    _train(tiny_model_dir, domains / "beta", tmp_path / "b", "--resume-adapter-file", str(adapter_dir),
+           "--iters", "1", "--retain-data", "none")
+    config, _ = A.read_adapter(tmp_path / "b")
+    assert "before gain_mlx recorded lineage" in config["lineage"][0]["note"]
+    assert Path(config["lineage"][1]["data"]).name == "beta"
