@@ -619,8 +619,12 @@ def reporting_callback(args, config: dict, specs):
     carries the options, the retain sets and the adapter's lineage."""
     if not args.report_to:
         return None
-    from mlx_lm.tuner.callbacks import get_reporting_callbacks
+    from mlx_lm.tuner.callbacks import SUPPORT_CALLBACK, get_reporting_callbacks
 
+    unknown = [n for n in args.report_to.lower().replace(" ", "").split(",") if n and n not in SUPPORT_CALLBACK]
+    if unknown:
+        raise UsageError(f"--report-to {args.report_to}: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join(SUPPORT_CALLBACK)}")
     adapter_path = Path(args.adapter_path)
     adapter_path.mkdir(parents=True, exist_ok=True)
     options = {k: v for k, v in vars(args).items() if k != "given"}

@@ -4,8 +4,11 @@ mlx-lm's optimizers and --report-to (offline)."""
 import glob
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -119,10 +122,12 @@ def _other_base(tmp_path, tiny_model_dir):
     ("base", r"trained on different base weights"),
     ("both", r"--resume continues an interrupted run.*pass one of them"),
     ("missing", r"--resume-adapter-file .*: no gains.safetensors and gain_config.json there"),
+    ("report", r"--report-to tensorboard: unknown tensorboard; choose from wandb, swanlab"),
 ])
 def test_continue_refuses_a_mismatch_in_one_line(tiny_model_dir, domains, tmp_path, adapter_dir, case, message):
     model = _other_base(tmp_path, tiny_model_dir) if case == "base" else tiny_model_dir
-    extra = {"variant": ["--variant", "gain"], "base": [], "both": ["--resume"], "missing": []}[case]
+    extra = {"variant": ["--variant", "gain"], "base": [], "both": ["--resume"], "missing": [],
+             "report": ["--report-to", "tensorboard"]}[case]
     source = tmp_path / "nowhere" if case == "missing" else adapter_dir
     with pytest.raises(SystemExit) as e:
         _train(model, domains / "beta", tmp_path / "out", "--resume-adapter-file", str(source), *extra)
@@ -211,18 +216,28 @@ def _wandb_records(path):
             yield record
 
 
+def _train_in_subprocess(env, model_dir, data, out, *extra):
+    """The CLI in its own process: trackers start threads and hooks a test process should not keep."""
+    argv = ["--model", str(model_dir), "--data", str(data), "--adapter-path", str(out), "--learning-rate", "3e-2",
+            "--iters", "4", "--steps-per-eval", "2", "--no-fast-blas", *FAST, *extra]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-m", "gain_mlx.train", *argv], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def test_report_to_wandb_offline(tiny_model_dir, domains, tmp_path, monkeypatch):
+def test_report_to_wandb_offline(tiny_model_dir, domains, tmp_path):
     pytest.importorskip("wandb", reason="wandb is an optional extra (pip install 'gain-mlx[report]')")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
     a1, a2 = tmp_path / "a1", tmp_path / "a2"
     _train(tiny_model_dir, domains / "alpha", a1, "--retain-data", "none")
-    _train(tiny_model_dir, domains / "beta", a2, "--resume-adapter-file", str(a1), "--report-to", "wandb",
-           "--retain-data", f"general={EXAMPLE_DATA / 'valid.jsonl'}")
+    _train_in_subprocess({"WANDB_MODE": "offline", "WANDB_SILENT": "true"}, tiny_model_dir, domains / "beta", a2,
+                         "--resume-adapter-file", str(a1), "--report-to", "wandb",
+                         "--retain-data", f"general={EXAMPLE_DATA / 'valid.jsonl'}")
     (run_file,) = glob.glob(str(a2 / "wandb" / "offline-run-*" / "run-*.wandb"))
     history, config = [], {}
     for r in _wandb_records(run_file):
@@ -244,15 +259,14 @@ def test_report_to_wandb_offline(tiny_model_dir, domains, tmp_path, monkeypatch)
     assert config["retain_sets"]["general"].endswith("valid.jsonl")
 
 
-def test_report_to_swanlab_offline(tiny_model_dir, domains, tmp_path, monkeypatch):
+def test_report_to_swanlab_offline(tiny_model_dir, domains, tmp_path):
     pytest.importorskip("swanlab", reason="swanlab is an optional extra (pip install 'gain-mlx[report]')")
     from swanlab.proto.swanlab.record.v1.record_pb2 import Record
     from swanlab.sdk.internal.core_python.store import DataStoreReader
 
-    monkeypatch.setenv("SWANLAB_MODE", "offline")
     adapter = tmp_path / "s"
-    _train(tiny_model_dir, domains / "alpha", adapter, "--report-to", "swanlab",
-           "--retain-data", f"general={EXAMPLE_DATA / 'valid.jsonl'}")
+    _train_in_subprocess({"SWANLAB_MODE": "offline"}, tiny_model_dir, domains / "alpha", adapter,
+                         "--report-to", "swanlab", "--retain-data", f"general={EXAMPLE_DATA / 'valid.jsonl'}")
     (run_file,) = glob.glob(str(adapter / "swanlog" / "run-*" / "run-*.swanlab"))
     reader, scalars = DataStoreReader(), {}
     reader.open(run_file)
