@@ -120,9 +120,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def set_name(path) -> str:
-    """A retain set's default name: its file's stem, or its folder's name for a data folder."""
+    """A retain set's default name: its file's stem, or its folder's name for a data folder
+    or a data folder's split (``legal/valid.jsonl`` -> ``legal``)."""
     path = Path(path)
-    return path.name if path.is_dir() or path.stem in ("valid", "train", "test") else path.stem
+    if path.is_dir():
+        return path.name
+    return path.parent.name if path.stem in ("valid", "train", "test") else path.stem
 
 
 def parse_retain_specs(spec) -> list:

@@ -576,9 +576,10 @@ def continue_adapter(model, args) -> dict:
     source = f"--resume-adapter-file {args.resume_adapter_file}"
     config, _ = gain_adapter.read_adapter(folder)
     tie = None if args.tie_kv == "auto" else args.tie_kv in (True, "on")
+    given = getattr(args, "given", ())
     for key, flag, value in (("variant", "--variant", args.variant), ("custom_targets", "--targets", args.targets),
                              ("tie_kv", "--tie-kv", tie)):
-        if flag[2:].replace("-", "_") in args.given and value is not None and value != config.get(key):
+        if flag[2:].replace("-", "_") in given and value is not None and value != config.get(key):
             raise UserError(f"{source} has {flag} {config.get(key)}, not {value}: continue it with the same "
                             f"{flag} (or leave {flag} out), or train a new adapter")
     gain_adapter.load_adapter(model, folder, source=source, gains_file=gains_file)

@@ -140,6 +140,7 @@ def test_retain_and_budget_specs(tmp_path):
     f = tmp_path / "general.jsonl"
     assert parse_retain_specs(f"legal={tmp_path / 'legal'},{f}") == [("legal", tmp_path / "legal"), ("general", f)]
     assert parse_retain_specs(str(tmp_path / "legal")) == [("legal", tmp_path / "legal")]
+    assert parse_retain_specs(str(tmp_path / "legal" / "valid.jsonl"))[0][0] == "legal"
     assert parse_retain_specs("none") == [] and parse_retain_specs(None)[0][0] == "retain"
     assert parse_retain_specs({"a": "x.jsonl"}) == [("a", Path("x.jsonl"))]
     with pytest.raises(UsageError, match="two sets named 'general'"):
