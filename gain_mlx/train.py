@@ -156,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "against step 0; name=PCT for one set (e.g. 1,legal=3)")
     p.add_argument("--no-watch-lineage", dest="watch_lineage", action="store_false", default=None,
                    help="with --resume-adapter-file: do not add the earlier stages' validation data as retain sets")
-    p.add_argument("--stop-on-budget", action="store_true", default=None, help="stop training when the retain budget is exceeded")
+    p.add_argument("--stop-on-budget", action="store_true", default=None, help="stop training when any retain budget is exceeded")
     p.add_argument("--keep", choices=KEEP, help="adapter written at the end: last (default) or the evaluated checkpoint "
-                   "with the best validation perplexity within the retain budget")
+                   "with the best validation perplexity within every retain budget")
     p.add_argument("--report-to", help="services to report to through mlx-lm's callbacks: wandb, swanlab or wandb,swanlab")
     p.add_argument("--project-name", help="project name for --report-to (default: the adapter folder's name)")
     cpu.add_fast_blas_argument(p)
