@@ -31,6 +31,7 @@ from .adapter import (
     apply_gains,
     gain_parameters,
     load_adapter,
+    lineage_lines,
     load_gains_file,
     read_adapter,
     targets_from_config,
@@ -261,6 +262,11 @@ def _check_output(save_path: Path, force: bool, *inputs):
         raise FuseError(f"--save-path {save_path} already exists: choose another or pass --force")
 
 
+def _lineage_section(info: dict) -> str:
+    lines = lineage_lines({"lineage": info.get("lineage")})
+    return "The adapter's training stages:\n\n" + "\n".join(lines) + "\n\n" if lines else ""
+
+
 def _model_card(info: dict, report: list) -> str:
     rows = "\n".join(
         f"| {m} | {s['count']} | {s['max_rel_error']:.2e} |" for m, s in summarize(report).items()
@@ -289,7 +295,7 @@ absorbed its gain and the relative error against `dequantize(W) * gain` (float32
 |---|---|---|
 {rows}
 
-Methods: `scales` multiplies a producer's rows via their quantization scales and biases
+{_lineage_section(info)}Methods: `scales` multiplies a producer's rows via their quantization scales and biases
 (integers untouched); `exponent` shifts E8M0 scale exponents; `float` scales a float
 weight; `requantize` dequantizes, scales and requantizes with the same settings. The
 per-tensor plan is in `{PLAN_FILE}`. Undo with
@@ -363,6 +369,7 @@ def fuse(
         "dequantized": dequantize,
         "summary": summarize(report),
         "history": history + [record],
+        "lineage": config_a.get("lineage"),
     }
     if verbose:
         print(format_plan(report))

@@ -5,6 +5,8 @@ weights after each domain and started afresh), and after every stage the validat
 perplexity of every domain is measured. Every method (GAIN, GAIN-FFN, mlx-lm's LoRA)
 runs through the same training loop (``gain_mlx.train.train_gains``) on the same
 batches, so budgets are identical by construction; only the trainable modules differ.
+A GAIN stage is what ``python -m gain_mlx.train --resume-adapter-file`` does on that
+domain with ``--seed <seed + stage>`` (the same gains, tested).
 Each method is swept over learning rates, since forgetting depends on the rate more
 than on anything else.
 
@@ -25,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.datasets import TextDataset
@@ -41,7 +42,7 @@ from .files import atomic_write
 from .layers import GainLinear
 from .probe import DEFAULT_PROBE, load_probe
 from .probe import score as probe_score
-from .train import evaluate_loss, train_gains
+from .train import build_optimizer, evaluate_loss, train_gains
 
 DEFAULT_DATA_ROOT = ".cache/corpora/domains"
 CORPORA_HINT = "python tools/make_corpora.py --out {root}"
@@ -234,7 +235,7 @@ def run_method(base, method, lr, stages, domains, cfg, seed=0, probe=None, log=p
     for i, stage in enumerate(stages):
         stage_tic = time.perf_counter()
         mx.random.seed(seed + i)
-        optimizer = optim.Adam(learning_rate=lr)  # a fresh optimizer per domain
+        optimizer = build_optimizer("adam", lr)  # a fresh optimizer per domain, as --resume-adapter-file
         metrics = train_gains(model, optimizer, stage.train, None, args, seed=seed + i, log=lambda *a: None)
         if cfg.merge:
             merge(model)
