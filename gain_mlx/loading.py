@@ -1,6 +1,6 @@
 """Resolve ``--model``: nothing -> the packaged SmolLM2 GGUF, a short name of
 ``gain_mlx.models`` -> that packaged GGUF, ``*.gguf`` -> a cached
-MLX conversion, anything else -> ``mlx_lm.load`` (local folder or Hugging Face repo)."""
+MLX conversion (quantized or float32, as the device policy chooses), anything else -> ``mlx_lm.load`` (local folder or Hugging Face repo)."""
 
 from pathlib import Path
 
@@ -32,10 +32,25 @@ def resolve_model(spec=None, verbose: bool = True) -> str:
     if str(spec).endswith(".gguf"):
         if not Path(spec).is_file():
             raise FileNotFoundError(f"GGUF file {spec} not found")
-        from .gguf.convert import cached_convert
-
-        return str(cached_convert(Path(spec)))
+        return str(_convert(Path(spec)))
     return str(spec)
+
+
+def _convert(gguf_path: Path) -> Path:
+    """The cached conversion of ``gguf_path`` in the form the device policy chooses,
+    said in one line on stderr (:func:`gain_mlx.policy.gguf_form`)."""
+    import inspect
+    import sys
+
+    from . import policy
+    from .gguf.convert import cached_convert
+
+    form, why = policy.gguf_form(gguf_path)
+    kwargs = {"form": form}
+    if "form" not in inspect.signature(cached_convert).parameters:  # until issue 31 item 1 lands
+        form, why, kwargs = "float32", f"only float32 conversions in this version; {why}", {}
+    print(f"[gain_mlx] {gguf_path.name}: {form} conversion ({why})", file=sys.stderr, flush=True)
+    return cached_convert(gguf_path, **kwargs)
 
 
 def load_model(spec=None, verbose: bool = True):

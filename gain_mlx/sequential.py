@@ -35,7 +35,8 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .adapter import apply_gains
 from .arch import find_targets, get_module
-from .cpu import add_fast_blas_argument, copy_model, dequantize_model, ensure_fast_blas
+from . import policy
+from .cpu import add_fast_blas_argument, copy_model
 from .errors import UsageError, UserError, cli
 from .files import atomic_write
 from .layers import GainLinear
@@ -618,7 +619,9 @@ def run(cfg, log=print) -> dict:
         check_domain(folder)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, model_path = load_model(cfg.model)
-    base = dequantize_model(model)  # CPU: float matmuls use BLAS, quantized ones do not
+    base, note = policy.compute_model(model, "on" if cfg.merge else "auto")  # --merge folds into float weights
+    if note:
+        log(f"Base: {note}")
     base.freeze()
 
     domains = [load_domain(f, tokenizer, cfg.max_seq_length, cfg.val_examples) for f in folders]
@@ -732,7 +735,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
     try:
         run(args)
     except ValueError as e:

@@ -37,7 +37,7 @@ from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gain_mlx import cpu  # noqa: E402
+from gain_mlx import cpu, policy  # noqa: E402
 from gain_mlx.adapter import apply_gains  # noqa: E402
 from gain_mlx.arch import find_targets, get_arch, get_module, input_dims  # noqa: E402
 from gain_mlx.layers import GainLinear  # noqa: E402
@@ -499,7 +499,7 @@ def main(argv=None):
     p.add_argument("--json", help="write {config: {step_s, peak_mem_gb, tokens_per_s, gflops, x_matmul, ...}}")
     cpu.add_fast_blas_argument(p)
     args = p.parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
 
     names = [n for n in args.configs.split(",") if n]
     if unknown := [n for n in names if n not in ADAPTERS]:
