@@ -7,14 +7,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import POLICY_ENV, tiny_model
+from conftest import POLICY_ENV, TINY_CONFIGS, tiny_model
 from gguf import GGMLQuantizationType as GQ
 from mlx_lm.models import llama
 
 from gain_mlx import cpu, policy
 from gain_mlx import adapter as A
 from gain_mlx.errors import UsageError
-from gain_mlx.loss import evaluation_loss, token_losses
+from gain_mlx.loss import evaluation_loss, summed_loss, token_losses
 
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
@@ -173,6 +173,21 @@ def test_gpu_evaluation_chunks_positions_equal_and_bounded(use, monkeypatch):
     assert gpu_total == pytest.approx(cpu_total, rel=1e-5)
     assert cpu_peak >= full  # the cpu policy takes the whole batch's logits into numpy
     assert gpu_peak < full / 8, (gpu_peak, full)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_position_chunks_equal_the_training_loss_on_every_architecture(use, monkeypatch, model_type):
+    """Chunks of 7 positions through each architecture's KV cache (gemma3's sliding window
+    of 16 included) give the training loss of one whole forward pass."""
+    model = tiny_model(model_type)
+    batch = mx.random.randint(0, 128, (2, 40), key=mx.random.key(0))
+    lengths = mx.array([[0, 39], [3, 20]])
+    use("gpu")
+    monkeypatch.setattr(policy, "LOGITS_BYTES", 2 * 7 * 128 * 4)
+    total, count = evaluation_loss(model, batch, lengths, ())
+    ref, ref_count = summed_loss(model, batch, lengths)
+    assert count == ref_count.item() == 39 + 18
+    assert total == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_gpu_token_losses_chunk_rows_equal(use, monkeypatch):
