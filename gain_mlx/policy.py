@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from . import cpu
 from .errors import UsageError
@@ -185,10 +186,9 @@ def _float_size(model) -> int:
     total = 0
     for _, layer in model.named_modules():
         if hasattr(layer, "scales") and hasattr(layer, "bits"):
-            w = layer["weight"]
-            total += w.size * 32 // layer.bits
+            total += layer["weight"].size * 32 // layer.bits
         else:
-            total += sum(v.size for k, v in layer.items() if isinstance(v, mx.array))
+            total += sum(v.size for v in layer.values() if isinstance(v, mx.array))
     return total
 
 
@@ -198,26 +198,32 @@ def is_quantized(model) -> bool:
 
 def compute_model(model, dequantize: str = "auto") -> tuple:
     """``(model, note)``: the model to train or score on, its float parameters in the
-    compute dtype; ``model`` itself is not changed (arrays are shared where unchanged).
+    compute dtype (unless that copy does not fit in memory); ``model`` itself is not
+    changed (arrays are shared where unchanged).
 
     A quantized ``model`` becomes a float copy (:func:`gain_mlx.cpu.dequantize_model`)
     when ``dequantize`` is "on", or "auto" and :func:`choose_form` says so; ``note``
-    says which base and why (None for a float model). Gains trained on the copy fold
-    into the original by the same module paths.
+    says which base and why (None for a float model that is cast, or left as it is).
+    Gains trained on the copy fold into the original by the same module paths.
     """
     p = current()
-    note = None
+    dtype, note = p.compute_dtype, None
     if is_quantized(model):
         if dequantize == "auto":
-            itemsize = p.compute_dtype.size
-            form, why = choose_form(p.name, itemsize * _float_size(model), available_memory())
+            form, why = choose_form(p.name, dtype.size * _float_size(model), available_memory())
         else:
             form, why = ("float32" if dequantize == "on" else "quantized"), f"--dequantize {dequantize}"
         if form == "quantized":
             note = f"the quantized base ({why})"
         else:
-            model = cpu.dequantize_model(model, p.compute_dtype)
+            model = cpu.dequantize_model(model, dtype)
             note = f"a {p.dtype} copy of the quantized base ({why})"
+    floats = (v for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+    need = sum(v.size for v in floats if v.dtype != dtype) * dtype.size
+    available = available_memory()
+    if need > MEMORY_SHARE * available:  # the cast copy is made beside the model
+        kept = f"kept as stored: a {p.dtype} copy does not fit ({_gb(need)} against {_gb(available)} available)"
+        return model, f"{note}; {kept}" if note else f"the model {kept}"
     model = cpu.copy_model(model)
-    model.set_dtype(p.compute_dtype)
+    model.set_dtype(dtype)
     return model, note

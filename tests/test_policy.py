@@ -141,6 +141,17 @@ def test_compute_dtype_casts_a_copy_and_leaves_the_model(use):
     assert note is None and m.layers[0].self_attn.o_proj.weight.dtype == mx.float16
 
 
+def test_compute_dtype_copy_that_does_not_fit_keeps_the_stored_dtype(use, monkeypatch):
+    model = tiny_model("llama")
+    model.set_dtype(mx.bfloat16)
+    use("cpu")
+    m, note = policy.compute_model(model)
+    assert note is None and m.layers[0].self_attn.o_proj.weight.dtype == mx.float32
+    monkeypatch.setattr(policy, "available_memory", lambda: 1000)
+    m, note = policy.compute_model(model)
+    assert m is model and note.startswith("the model kept as stored: a float32 copy does not fit")
+
+
 def _llama(vocab):
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs.from_dict(dict(
