@@ -39,18 +39,14 @@ def resolve_model(spec=None, verbose: bool = True) -> str:
 def _convert(gguf_path: Path) -> Path:
     """The cached conversion of ``gguf_path`` in the form the device policy chooses,
     said in one line on stderr (:func:`gain_mlx.policy.gguf_form`)."""
-    import inspect
     import sys
 
     from . import policy
     from .gguf.convert import cached_convert
 
     form, why = policy.gguf_form(gguf_path)
-    kwargs = {"form": form}
-    if "form" not in inspect.signature(cached_convert).parameters:  # until issue 31 item 1 lands
-        form, why, kwargs = "float32", f"only float32 conversions in this version; {why}", {}
     print(f"[gain_mlx] {gguf_path.name}: {form} conversion ({why})", file=sys.stderr, flush=True)
-    return cached_convert(gguf_path, **kwargs)
+    return cached_convert(gguf_path, form=form)
 
 
 def load_model(spec=None, verbose: bool = True):

@@ -46,6 +46,9 @@ POLICIES = {
 MEMORY_SHARE = 0.7
 # Evaluation under the gpu policy holds at most this many bytes of float32 logits at once.
 LOGITS_BYTES = 256 << 20
+# Scales' dtype of a quantized GGUF conversion per compute dtype: the compute dtype itself
+# (MLX then keeps no cast copies of them); bf16 scales would round ggml's d*sc by ~2.5e-3.
+QUANTIZED_SCALES = {"float32": "float32", "float16": "float16", "bfloat16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ def available_memory() -> int:
 
 
 def choose_form(policy: str, float_bytes: int, available: int) -> tuple:
-    """``(form, why)``: "float32" or "quantized", the base a quantized model is computed on.
+    """``(form, why)``: "float" or "quantized", the base a quantized model is computed on.
 
     gpu: quantized (MLX's quantized matmuls, as QLoRA). cpu: a float copy when it takes
     at most ``MEMORY_SHARE`` of the available memory, else quantized.
@@ -167,18 +170,20 @@ def choose_form(policy: str, float_bytes: int, available: int) -> tuple:
         return "quantized", f"{policy} policy: quantized matmuls, as QLoRA"
     need = f"{_gb(float_bytes)} as float against {_gb(available)} available"
     if float_bytes <= MEMORY_SHARE * available:
-        return "float32", f"{policy} policy: float matmuls are far faster on a CPU; {need}"
+        return "float", f"{policy} policy: float matmuls are far faster on a CPU; {need}"
     return "quantized", f"{policy} policy, but a float copy does not fit ({need}): quantized matmuls, slow on a CPU"
 
 
 def gguf_form(gguf_path) -> tuple:
-    """``(form, why)`` of the conversion a ``.gguf`` ``--model`` loads as: its parameter
-    count x 4 bytes (a float32 conversion) against the available memory."""
+    """``(form, why)``: the conversion form (``gguf.convert.FORMS``) a ``.gguf`` ``--model``
+    loads as, by :func:`choose_form` on its parameter count x the compute dtype's size:
+    the compute dtype ("float32" on a CPU), or "quantized-<QUANTIZED_SCALES dtype>"."""
     from .gguf.header import GGUFFile
 
     p = current()
     n = sum(t.n_elements for t in GGUFFile(gguf_path).tensors) if p.float_copies else 0
-    return choose_form(p.name, 4 * n, available_memory())
+    kind, why = choose_form(p.name, p.compute_dtype.size * n, available_memory())
+    return (p.dtype if kind == "float" else f"quantized-{QUANTIZED_SCALES[p.dtype]}"), why
 
 
 def _float_size(model) -> int:
@@ -212,7 +217,7 @@ def compute_model(model, dequantize: str = "auto") -> tuple:
         if dequantize == "auto":
             form, why = choose_form(p.name, dtype.size * _float_size(model), available_memory())
         else:
-            form, why = ("float32" if dequantize == "on" else "quantized"), f"--dequantize {dequantize}"
+            form, why = ("float" if dequantize == "on" else "quantized"), f"--dequantize {dequantize}"
         if form == "quantized":
             note = f"the quantized base ({why})"
         else:

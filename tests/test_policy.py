@@ -61,8 +61,8 @@ def test_bad_environment_values_are_one_line_usage_errors(monkeypatch, key, valu
 
 @pytest.mark.parametrize("name,need,available,form", [
     ("gpu", 1e9, 100e9, "quantized"),  # the gpu policy never copies
-    ("cpu", 1e9, 10e9, "float32"),
-    ("cpu", 7e9, 10e9, "float32"),  # exactly MEMORY_SHARE
+    ("cpu", 1e9, 10e9, "float"),
+    ("cpu", 7e9, 10e9, "float"),  # exactly MEMORY_SHARE
     ("cpu", 7.1e9, 10e9, "quantized"),
 ])
 def test_base_form_from_memory(name, need, available, form):
@@ -84,9 +84,11 @@ def test_gguf_form_counts_the_files_parameters(tmp_path, use, monkeypatch):
     monkeypatch.setattr(policy, "available_memory", lambda: int(4 * n / policy.MEMORY_SHARE) + 1)
     assert policy.gguf_form(path)[0] == "float32"
     monkeypatch.setattr(policy, "available_memory", lambda: int(4 * n / policy.MEMORY_SHARE) - 8)
-    assert policy.gguf_form(path)[0] == "quantized"
-    use("gpu")
-    assert policy.gguf_form(path)[0] == "quantized"
+    assert policy.gguf_form(path)[0] == "quantized-float32"
+    use("gpu")  # float32 compute forced
+    assert policy.gguf_form(path)[0] == "quantized-float32"
+    use("gpu", GAIN_MLX_DTYPE="float16")  # a GPU's default
+    assert policy.gguf_form(path)[0] == "quantized-float16"
 
 
 def test_available_memory_is_plausible():
@@ -244,3 +246,39 @@ def test_start_says_the_policy_in_one_line(use, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["[gain_mlx] policy: gpu (GAIN_MLX_POLICY=gpu; MLX on cpu; float32 compute (GAIN_MLX_DTYPE); "
                    "plain MLX path)"]
+
+
+def test_form_names_are_the_converters():
+    from gain_mlx.gguf.convert import FORMS
+
+    assert set(policy.DTYPES) <= set(FORMS)
+    assert {f"quantized-{d}" for d in policy.QUANTIZED_SCALES.values()} <= set(FORMS)
+
+
+def test_gguf_trains_alike_on_the_float_and_the_quantized_conversion(use, tiny_data_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    """cpu: the float32 conversion; gpu: the quantized one (Q8_0 maps exactly onto MLX's
+    8-bit affine, float32 scales), trained on directly. Same gains and perplexities."""
+    from gguf_fixtures import tiny_for_gguf, write_gguf
+
+    from gain_mlx.train import main
+
+    monkeypatch.setenv("GAIN_MLX_CACHE", str(tmp_path / "cache"))
+    gguf = write_gguf(tmp_path / "m.gguf", tiny_for_gguf("llama"), GQ.Q8_0)
+    results = {}
+    for name, form, base in (("cpu", "float32", None), ("gpu", "quantized-float32", "the quantized base (gpu")):
+        use(name)
+        out = tmp_path / name
+        main(["--model", str(gguf), "--data", str(tiny_data_dir), "--adapter-path", str(out), "--iters", "4",
+              "--learning-rate", "1e-2", "--steps-per-eval", "4", "--val-batches", "1", "--max-seq-length", "64",
+              "--batch-size", "2", "--retain-data", "none"])
+        text = capsys.readouterr()
+        assert f"m.gguf: {form} conversion ({name} policy" in text.err
+        assert (base in text.out) if base else "Training on" not in text.out
+        ppl = [float(v) for v in re.findall(r"val ppl ([0-9.]+)", text.out)]
+        results[name] = ppl, A.read_adapter(out)[1]
+    (cpu_ppl, cpu_gains), (gpu_ppl, gpu_gains) = results["cpu"], results["gpu"]
+    assert len(cpu_ppl) == 2 and cpu_ppl == pytest.approx(gpu_ppl, rel=1e-4)
+    for k in cpu_gains:
+        np.testing.assert_allclose(gpu_gains[k], cpu_gains[k], rtol=0, atol=1e-5)
+    assert any(np.abs(g - 1).max() > 1e-3 for g in cpu_gains.values())
