@@ -619,9 +619,9 @@ def run(cfg, log=print) -> dict:
         check_domain(folder)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, model_path = load_model(cfg.model)
-    base, note = policy.compute_model(model, "on" if cfg.merge else "auto")  # --merge folds into float weights
+    base, note = policy.compute_model(model, "on" if cfg.merge else "auto")
     if note:
-        log(f"Base: {note}")
+        log(f"Base: {note}" + (": --merge folds gains into float weights" if cfg.merge else ""))
     base.freeze()
 
     domains = [load_domain(f, tokenizer, cfg.max_seq_length, cfg.val_examples) for f in folders]
