@@ -354,7 +354,7 @@ class Run:
 def parallelism(spec, batch_size):
     """``(micro_batches, blas_threads)`` for a ``--micro-batches`` value (``auto`` as training)."""
     if spec == "auto":
-        return cpu.step_parallelism(batch_size)
+        return policy.step_parallelism(batch_size)
     n = int(spec)
     return (n, max(1, cpu.cpu_cores() // n)) if n > 1 else (1, None)
 
@@ -530,7 +530,7 @@ def main(argv=None):
         f"preset {args.preset}, batch {batch_size} x {seq_len}, {args.steps} timed steps "
         f"(median) after {args.warmup} warm-up, device {mx.default_device()}, "
         f"BLAS {cpu.preloaded_blas() or cpu.stock_blas() or 'platform'}, {cpu.cpu_cores()} cores, "
-        f"micro-batches {args.micro_batches} (auto: {cpu.step_parallelism(batch_size)[0]}), "
+        f"micro-batches {args.micro_batches} (auto: {policy.step_parallelism(batch_size)[0]}), "
         f"MLX_BFS_MAX_WIDTH={os.environ.get('MLX_BFS_MAX_WIDTH', 'unset (20)')}"
     )
     load = os.getloadavg()[0]
