@@ -5,9 +5,9 @@ cpu: cross entropy takes one exponential pass over the vocabulary (as ``2 ** x``
 MLX's Linux wheel runs ~2.5x faster than ``exp``) and keeps it for the backward pass;
 evaluation needs no gradient, so it takes the logits out of MLX and computes the loss in
 numpy, whose vectorized ``exp`` runs ~8x faster than MLX's CPU cross entropy. gpu: mlx's
-cross entropy; evaluation takes the logits in chunks of positions (or rows) so that at
-most ``policy.LOGITS_BYTES`` of float32 logits exist at once (4 x 2048 tokens x a 262K
-vocabulary would be 8.6 GB).
+cross entropy; evaluation takes the logits in chunks of rows, or of one row's positions,
+so that at most ``policy.LOGITS_BYTES`` of float32 logits exist at once (4 x 2048 tokens
+x a 262K vocabulary would be 8.6 GB).
 """
 
 import math
@@ -113,33 +113,40 @@ def _chunk_losses(logits, targets, mask) -> np.ndarray:
     return np.asarray(ce.astype(mx.float32))
 
 
+def _vocab(forward, inputs) -> int:
+    """The vocabulary size, from the shape of a one-row forward pass that is never evaluated."""
+    return forward(*(mx.array(a[:1]) for a in inputs)).shape[-1]
+
+
 def _row_chunked_losses(forward, inputs, targets, mask) -> np.ndarray:
-    """:func:`token_losses` under the gpu policy: one row first (to learn the vocabulary
-    size), then as many rows as :func:`policy.logit_chunk` allows."""
-    out, lo, step = [], 0, 1
-    while lo < len(targets):
-        hi = lo + step
-        logits = forward(*(mx.array(a[lo:hi]) for a in inputs))
-        out.append(_chunk_losses(logits, targets[lo:hi], mask[lo:hi]))
-        step = policy.logit_chunk(targets.shape[1], logits.shape[-1])
-        lo = hi
+    """:func:`token_losses` under the gpu policy: as many rows at a time as
+    :func:`policy.logit_chunk` allows."""
+    rows = policy.logit_chunk(targets.shape[1], _vocab(forward, inputs))
+    return np.concatenate([
+        _chunk_losses(forward(*(mx.array(a[lo:lo + rows]) for a in inputs)), targets[lo:lo + rows], mask[lo:lo + rows])
+        for lo in range(0, len(targets), rows)
+    ])
+
+
+def _chunked_losses(model, inputs, targets, mask) -> np.ndarray:
+    """Per-token losses of a causal ``model`` under the gpu policy: as many whole rows at a
+    time as :func:`policy.logit_chunk` allows; a row whose logits alone exceed that goes
+    one at a time over chunks of positions through a KV cache, as generation's prefill."""
+    length = inputs.shape[1]
+    vocab = _vocab(model, (inputs,))
+    rows = policy.logit_chunk(length, vocab)
+    step = policy.logit_chunk(min(rows, len(inputs)), vocab)
+    out = []
+    for lo in range(0, len(inputs), rows):
+        cache = make_prompt_cache(model) if step < length else None
+        parts = []
+        for start in range(0, length, step):
+            at = (slice(lo, lo + rows), slice(start, start + step))
+            parts.append(_chunk_losses(model(mx.array(inputs[at]), cache=cache), targets[at], mask[at]))
+            if cache is not None:
+                mx.eval([c.state for c in cache])
+        out.append(np.concatenate(parts, axis=1))
     return np.concatenate(out)
-
-
-def _position_chunked_losses(model, inputs, targets, mask) -> np.ndarray:
-    """Per-token losses of a causal ``model`` computed over chunks of positions with a KV
-    cache, as generation's prefill does: one position first (to learn the vocabulary
-    size), then as many as :func:`policy.logit_chunk` allows for the whole batch."""
-    cache = make_prompt_cache(model)
-    out, lo, step = [], 0, 1
-    while lo < inputs.shape[1]:
-        hi = lo + step
-        logits = model(mx.array(inputs[:, lo:hi]), cache=cache)
-        out.append(_chunk_losses(logits, targets[:, lo:hi], mask[:, lo:hi]))
-        mx.eval([c.state for c in cache])
-        step = policy.logit_chunk(inputs.shape[0], logits.shape[-1])
-        lo = hi
-    return np.concatenate(out, axis=1)
 
 
 def summed_loss(model, batch, lengths):
@@ -170,13 +177,13 @@ def across_streams(fn, streams, *arrays) -> list:
 def evaluation_loss(model, batch, lengths, streams) -> tuple:
     """``(sum of the token losses, token count)`` as :func:`summed_loss` computes them, for
     evaluation, summed in float64. cpu policy: the forward passes split
-    :func:`across_streams`, the loss by :func:`token_losses`; gpu policy: the forward
-    over chunks of positions (:func:`_position_chunked_losses`)."""
+    :func:`across_streams`, the loss by :func:`token_losses`; gpu policy: in chunks of
+    rows or positions (:func:`_chunked_losses`)."""
     batch, lengths = np.asarray(batch), np.asarray(lengths)
     steps = np.arange(1, batch.shape[1])
     mask = (steps >= lengths[:, 0:1]) & (steps <= lengths[:, 1:])
     if policy.current().cpu_loss:
         losses = token_losses(model, (batch[:, :-1],), batch[:, 1:], mask, streams)
     else:
-        losses = _position_chunked_losses(model, batch[:, :-1], batch[:, 1:], mask)
+        losses = _chunked_losses(model, batch[:, :-1], batch[:, 1:], mask)
     return float(losses.sum(dtype=np.float64)), int(mask.sum())
