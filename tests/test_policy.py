@@ -1,6 +1,7 @@
 """gain_mlx.policy: each device-dependent choice, and the cpu and gpu policies' numbers
 compared on the same inputs (the gpu policy forced on this CPU, float32 compute)."""
 
+import os
 import re
 
 import mlx.core as mx
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import POLICY_ENV, TINY_CONFIGS, tiny_model
 from gguf import GGMLQuantizationType as GQ
+from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
 from gain_mlx import cpu, policy
@@ -79,7 +81,7 @@ def test_gguf_form_counts_the_files_parameters(tmp_path, use, monkeypatch):
 
     model = tiny_for_gguf("llama")
     path = write_gguf(tmp_path / "m.gguf", model, GQ.Q8_0)
-    n = sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
+    n = sum(v.size for _, v in tree_flatten(model.parameters()))
     use("cpu")
     monkeypatch.setattr(policy, "available_memory", lambda: int(4 * n / policy.MEMORY_SHARE) + 1)
     assert policy.gguf_form(path)[0] == "float32"
@@ -92,7 +94,7 @@ def test_gguf_form_counts_the_files_parameters(tmp_path, use, monkeypatch):
 
 
 def test_available_memory_is_plausible():
-    total = __import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert 0 < policy.available_memory() <= total
 
 
