@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from . import cpu
+from . import cpu, policy
 from .adapter import (
     GAINS_FILE,
     apply_gains,
@@ -413,7 +413,7 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="replace an existing --save-path")
     cpu.add_fast_blas_argument(parser)
     args = parser.parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
     try:
         fuse(
             args.model,

@@ -18,7 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.trainer import iterate_batches
 
-from . import cpu
+from . import cpu, policy
 from .errors import UsageError, UserError
 from .files import atomic_write
 from .loss import evaluation_loss
@@ -65,7 +65,7 @@ def evaluate_loss(model, dataset, batch_size, num_batches, max_seq_length, desc=
         raise UserError(f"{desc or 'evaluation'}: {len(dataset)} examples, fewer than --batch-size {batch_size}")
     batches = fixed_batches(dataset=dataset, batch_size=batch_size, max_seq_length=max_seq_length)
     model.eval()
-    micro_batches, threads = cpu.step_parallelism(batch_size)  # the cores side by side, as in training
+    micro_batches, threads = policy.step_parallelism(batch_size)  # the cores side by side, as in training
     streams = cpu.streams(micro_batches)
     total_loss, total_tokens = 0.0, 0
     bar = progress(total=n_batches, desc=desc, unit="batch", leave=False) if desc else None

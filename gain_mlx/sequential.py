@@ -36,7 +36,8 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .adapter import apply_gains
 from .arch import find_targets, get_module
-from .cpu import add_fast_blas_argument, copy_model, dequantize_model, ensure_fast_blas
+from . import policy
+from .cpu import add_fast_blas_argument, copy_model
 from .errors import UsageError, UserError, cli
 from .files import atomic_write
 from .layers import GainLinear
@@ -619,7 +620,9 @@ def run(cfg, log=print) -> dict:
         check_domain(folder)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, model_path = load_model(cfg.model)
-    base = dequantize_model(model)  # CPU: float matmuls use BLAS, quantized ones do not
+    base, note = policy.compute_model(model, "on" if cfg.merge else "auto")
+    if note:
+        log(f"Base: {note}" + (": --merge folds gains into float weights" if cfg.merge else ""))
     base.freeze()
 
     domains = [load_domain(f, tokenizer, cfg.max_seq_length, cfg.val_examples) for f in folders]
@@ -733,7 +736,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
     try:
         run(args)
     except ValueError as e:

@@ -29,7 +29,7 @@ from mlx_lm.lora import yaml_loader  # reads 1e-3 as a float, as mlx-lm does
 from mlx_lm.tuner.trainer import TrainingArgs, grad_checkpoint, iterate_batches
 
 from . import adapter as gain_adapter
-from . import cpu
+from . import cpu, policy
 from .arch import ARCHITECTURES, VARIANTS
 from .errors import UsageError, UserError, cli
 from .files import atomic_write, save_safetensors
@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dequantize",
         choices=("auto", "on", "off"),
-        help="train a quantized base through a float32 copy dequantized once; auto (default): "
-        "on when MLX runs on the CPU, where quantized matmuls are slow. The adapter is the same.",
+        help="train a quantized base through a float copy dequantized once; auto (default): "
+        "the device policy's choice (cpu: on when the copy fits in memory, since quantized matmuls "
+        "are slow there; gpu: off). The adapter is the same.",
     )
     p.add_argument("--retain-data", help="text evaluated next to validation to show forgetting: name=PATH,name=PATH "
                    "(or bare paths, named after their file), each a .jsonl file or data folder "
@@ -294,7 +295,7 @@ def train_gains(
     log = log if rank == 0 else (lambda *a, **k: None)
     if args.grad_checkpoint:
         grad_checkpoint(model.layers[0])
-    micro_batches, step_threads = cpu.step_parallelism(args.batch_size // world_size)
+    micro_batches, step_threads = policy.step_parallelism(args.batch_size // world_size)
     loss_value_and_grad = loss_and_grad(model, micro_batches)
     accum = args.grad_accumulation_steps
     state = [model.state, optimizer.state]
@@ -504,11 +505,6 @@ def _check_sizes(args, train_set):
         )
 
 
-def _wants_float_copy(model, mode: str) -> bool:
-    quantized = any(hasattr(m, "scales") for _, m in model.named_modules())
-    return quantized and (mode == "on" or (mode == "auto" and mx.default_device() == mx.cpu))
-
-
 def resolve_tie_kv(mode, model, quantized: bool) -> tuple:
     """(tie, why) for --tie-kv auto/on/off (True/False accepted from old configs)."""
     if mode in (True, "on"):
@@ -658,9 +654,9 @@ def run(args) -> dict:
     quantized_base = is_gguf(args.model) or any(
         hasattr(m, "scales") for _, m in model.named_modules()
     )
-    if _wants_float_copy(model, args.dequantize):
-        model = cpu.dequantize_model(model)
-        print("Training on a float32 copy of the quantized base (--dequantize off to keep quantized matmuls)")
+    model, base_note = policy.compute_model(model, args.dequantize)
+    if base_note:
+        print(f"Training on {base_note}")
     train_set, valid_set, test_set = _load_data(args, tokenizer)
     _check_sizes(args, train_set)
     adapter_path = Path(args.adapter_path)
@@ -781,7 +777,7 @@ def run(args) -> dict:
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
     try:
         run(args)
     except ValueError as e:

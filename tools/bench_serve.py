@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gain_mlx import cpu  # noqa: E402
+from gain_mlx import cpu, policy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = dict(
@@ -269,7 +269,7 @@ def main(argv=None):
     p.add_argument("--work", help="folder for the synthetic model and adapters (default: a temporary one)")
     cpu.add_fast_blas_argument(p)
     args = p.parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_serve-"))
     if args.model is None:
         args.model = str(synthetic_model(work / "synthetic"))
