@@ -161,7 +161,7 @@ def test_evaluations_reuse_their_cpu_streams(tiny_model_dir, retain_file):
     threads = len(os.listdir("/proc/self/task"))
     for _ in range(3):
         evaluate_loss(model, retain, 4, 2, 128)
-    assert len(os.listdir("/proc/self/task")) == threads
+    assert len(os.listdir("/proc/self/task")) <= threads + 1  # a leak adds 2 an evaluation; tqdm may start its monitor
 
 
 def test_history_plot_draws_one_curve_per_set(tmp_path, monkeypatch):
