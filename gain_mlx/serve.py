@@ -1122,7 +1122,11 @@ class Handler(BaseHTTPRequestHandler):
                  "top_logprobs": [{"token": t.convert_ids_to_tokens(i), "id": i, "logprob": v} for i, v in top]}]
 
     def _top_dict(self, top):
-        return {self.engine.tokenizer.decode([i]): v for i, v in top}
+        """``{decoded text: logprob}``, best first; tokens that decode alike keep the best."""
+        out = {}
+        for i, v in top:
+            out.setdefault(self.engine.tokenizer.decode([i]), v)
+        return out
 
     def _whole_chat(self, job, stop, meta, params):
         text, entries, n, finish = [], [], 0, None
