@@ -215,9 +215,12 @@ def check_base(model, config: dict, source: str = "adapter") -> None:
     if missing:
         raise AdapterError(f"{source}: its {CONFIG_FILE} has no '{missing[0]}': re-save the adapter")
     try:
-        targets_from_config(config)
+        targets = targets_from_config(config)
     except (TypeError, ValueError):
         raise AdapterError(f"{source}: its {CONFIG_FILE} lists malformed targets: re-save the adapter") from None
+    for t in targets:
+        if get_module(model, t.path) is None:
+            raise AdapterError(f"{source}: the base has no layer {t.path}: pass the --model it was trained on")
     if config["model_type"] != model.model_type:
         raise AdapterError(
             f"{source} was trained on a '{config['model_type']}' model, this base is "

@@ -56,10 +56,9 @@ def read_checked(model, adapter_path, source=None) -> dict:
     check_base(model, config, source=source or f"adapter {adapter_path}")
     out = {}
     for t in targets_from_config(config):
-        try:
-            layer = get_module(model, t.path)
-        except (AttributeError, KeyError, IndexError, ValueError):
-            raise AdapterError(f"adapter {adapter_path}: the base has no layer {t.path}") from None
+        layer = get_module(model, t.path)
+        if layer is None:
+            raise AdapterError(f"adapter {adapter_path}: the base has no layer {t.path}: re-save the adapter")
         if hasattr(layer, "num_experts"):
             raise AdapterError(f"adapter {adapter_path}: per-sequence gains do not cover expert layers yet; fuse it instead")
         if t.path not in gains:

@@ -285,7 +285,16 @@ class Engine:
                 except BaseException as e:  # never leave a request waiting forever
                     log.exception("generation worker died; restarting it")
                     why = f"{type(e).__name__}: {e}"
-                    self._fail_all(APIError(500, f"the generation worker failed ({why}) and was restarted", type_="server_error"))
+                    error = APIError(500, f"the generation worker failed ({why}) and was restarted", type_="server_error")
+                    self._fail_all(error)
+                    kind, payload = getattr(self, "_current", None) or (None, None)
+                    self._current = None
+                    if kind == "submit":
+                        payload.events.put(Event(error=error))
+                    elif kind == "add":
+                        payload[1].put((False, error))
+                    elif kind == "remove":
+                        self._pending_removals.append(payload)  # still to do
                     self._generator = None
                     self.restarts += 1
                     now = time.monotonic()
@@ -381,7 +390,9 @@ class Engine:
             except queue.Empty:
                 kind = None
             while kind is not None:
+                self._current = (kind, payload)  # failed by the supervisor if the worker dies here
                 self._handle(kind, payload)
+                self._current = None
                 try:
                     kind, payload = self._commands.get_nowait()
                 except queue.Empty:
