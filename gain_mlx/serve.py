@@ -1105,8 +1105,6 @@ class Handler(BaseHTTPRequestHandler):
                 p = Params(**{**vars(params), "max_tokens": max(room, 0)})
             jobs.append(Job(prompt=ids, adapter=adapter, params=p, score=echo and p.logprobs))
         with e.slots(len(jobs)):
-            for job in jobs:
-                e.submit(job)
             name = body.get("model") or (adapter or e.base_name)
             meta = dict(
                 id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
@@ -1115,6 +1113,8 @@ class Handler(BaseHTTPRequestHandler):
                 system_fingerprint=f"gain_mlx-{adapter or 'base'}",
             )
             try:
+                for job in jobs:
+                    e.submit(job)
                 if stream:
                     self._stream(jobs[0], stop, chat, meta, len(jobs[0].prompt), include_usage, params)
                 elif chat:
