@@ -287,6 +287,7 @@ class Engine:
                     why = f"{type(e).__name__}: {e}"
                     error = APIError(500, f"the generation worker failed ({why}) and was restarted", type_="server_error")
                     self._fail_all(error)
+                    _reset_random_state()
                     kind, payload = getattr(self, "_current", None) or (None, None)
                     self._current = None
                     if kind == "submit":
@@ -406,6 +407,7 @@ class Engine:
             except Exception as e:  # one bad batch fails its requests, not the server
                 log.exception("generation step failed")
                 self._fail_all(APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error"))
+                _reset_random_state()
                 self._generator = self._new_generator()
                 continue
             for r in responses:
@@ -547,6 +549,16 @@ class Engine:
             self._active.clear()
 
 
+def _reset_random_state():
+    """A fresh random state: an exception inside mlx-lm's compiled sampling leaves
+    ``mx.random.state`` a traced placeholder, and every later sampled request would fail."""
+    import os
+
+    import mlx.core as mx
+
+    mx.random.seed(int.from_bytes(os.urandom(8), "little"))
+
+
 def _logits_processors(p: Params):
     from mlx_lm.sample_utils import make_logits_processors
 
@@ -663,7 +675,7 @@ def parse_params(body: dict, default_max_tokens: int, chat: bool, vocab_size: in
         max_tokens=max_tokens,
         temperature=float(_get(body, "temperature", (int, float), 0.0, lo=0, hi=2)),
         top_p=float(_get(body, "top_p", (int, float), 1.0, lo=0, hi=1)),
-        top_k=_get(body, "top_k", int, 0, lo=0, hi=vocab_size),
+        top_k=_get(body, "top_k", int, 0, lo=0, hi=vocab_size) % (vocab_size or 2**62),  # the whole vocabulary: no top-k
         min_p=float(_get(body, "min_p", (int, float), 0.0, lo=0, hi=1)),
         seed=_get(body, "seed", int, None, lo=0, hi=MAX_SEED),
         repetition_penalty=float(_get(body, "repetition_penalty", (int, float), 0.0, lo=0, hi=10)),

@@ -201,6 +201,23 @@ def test_unusable_top_k_does_not_fail_another_request(setup):
         assert running.result() == want
 
 
+def test_failed_sampling_step_leaves_sampling_working(setup, monkeypatch):
+    """A sampler that raises inside mlx-lm's compiled sampling (as top_k == vocabulary did)
+    fails its batch; later sampled requests still work and give the same seeded text."""
+    from mlx_lm.sample_utils import make_sampler
+
+    sampled = {**GOOD, "temperature": 1.0, "seed": 7}
+    want = setup.text(sampled)
+    real = setup.engine._sampler
+    monkeypatch.setattr(setup.engine, "_sampler", lambda p: make_sampler(1.0, top_k=setup.engine.vocab_size) if p.seed == 8 else real(p))
+    status, obj, _ = setup.post("/v1/completions", {**sampled, "seed": 8})
+    COUNTS["failures"] -= status == 500  # the injected fault
+    assert status == 500 and "generation failed" in obj["error"]["message"]
+    assert setup.post("/v1/completions", {**GOOD, "temperature": 1.0})[0] == 200  # no seed: the state left behind
+    assert setup.text(sampled) == want
+    assert setup.post("/v1/completions", {**sampled, "top_k": setup.engine.vocab_size})[0] == 200  # = no top-k
+
+
 def test_max_tokens_capped_by_context(setup):
     status, obj, _ = setup.post("/v1/completions", {**GOOD, "max_tokens": 10**12, "ignore_eos": True})
     assert status == 200, obj
