@@ -1109,10 +1109,12 @@ class Handler(BaseHTTPRequestHandler):
                 raise APIError(400, f"this model's maximum prompt length is {e.max_prompt_tokens} tokens, the prompt has {len(ids)}",
                                param=field_, code="context_length_exceeded")
             p = params
-            room = (e.context_length - len(ids)) if e.context_length else None
-            if room is not None and p.max_tokens > room:  # capped by the context
+            # a model that does not say: a bound all the same
+            context = e.context_length or max(DEFAULT_MAX_PROMPT_TOKENS, e.max_prompt_tokens + DEFAULT_MAX_TOKENS)
+            room = context - len(ids)
+            if p.max_tokens > room:  # capped by the context
                 if room < 1 and not echo:
-                    raise APIError(400, f"the prompt fills this model's context of {e.context_length} tokens: no room to generate",
+                    raise APIError(400, f"the prompt fills this model's context of {context} tokens: no room to generate",
                                    param=field_, code="context_length_exceeded")
                 p = Params(**{**vars(params), "max_tokens": max(room, 0)})
             jobs.append(Job(prompt=ids, adapter=adapter, params=p, score=echo and p.logprobs))
