@@ -2,7 +2,8 @@
 
 An adapter folder holds ``gains.safetensors`` (``<module path>.gain``) and
 ``gain_config.json`` (variant, targets, base shape and a fingerprint of the base
-weights, so an adapter applied to the wrong base fails clearly).
+weights, so an adapter applied to the wrong base fails clearly, and the ``lineage``:
+each training stage's data, steps, learning rate and final metrics).
 """
 
 import json
@@ -241,17 +242,34 @@ def check_base(model, config: dict, source: str = "adapter") -> None:
         )
 
 
-def load_adapter(model, adapter_path) -> dict:
-    """Check the base, apply gains as configured and load their trained values."""
+def load_adapter(model, adapter_path, source=None, gains_file=None) -> dict:
+    """Check the base, apply gains as configured and load their trained values
+    (from ``gains_file``, default the folder's ``gains.safetensors``)."""
     config, _ = read_adapter(adapter_path)
-    check_base(model, config, source=f"adapter {adapter_path}")
+    check_base(model, config, source=source or f"adapter {adapter_path}")
     apply_gains(model, config["variant"], config["tie_kv"], config.get("custom_targets"))
-    weights = load_gains_file(Path(adapter_path) / GAINS_FILE)
+    gains_file = Path(gains_file) if gains_file else Path(adapter_path) / GAINS_FILE
+    weights = load_gains_file(gains_file)
     expected = dict(tree_flatten(model.trainable_parameters()))
     if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
         raise AdapterError(
-            f"{adapter_path}/{GAINS_FILE} does not hold the gains its {CONFIG_FILE} describes "
+            f"{gains_file} does not hold the gains its {CONFIG_FILE} describes "
             f"({len(weights)} tensors, expected {len(expected)}): re-save the adapter"
         )
     model.load_weights(list(weights.items()), strict=False)
     return config
+
+
+def lineage_lines(config: dict) -> list:
+    """A markdown table of the adapter's training stages (for model cards); [] if none."""
+    from .monitor import Monitor
+
+    lineage = config.get("lineage") or []
+    lines = ["| stage | data | data sha256 | steps | learning rate | final metrics (vs the stage's step 0) |",
+             "|---|---|---|---|---|---|"]
+    for i, stage in enumerate(lineage, 1):
+        data = Path(stage["data"]).name if stage.get("data") else "not recorded"
+        final = Monitor.describe(stage.get("final") or {}).replace(" | ", "; ") or "-"  # no | in a cell
+        lines.append(f"| {i} | `{data}` | `{stage.get('data_fingerprint') or '-'}` | {stage.get('steps', '-')} "
+                     f"| {stage.get('learning_rate', '-')} | {final} |")
+    return lines if lineage else []

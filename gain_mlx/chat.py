@@ -5,7 +5,7 @@ Type a message and press Enter; ``q`` quits, ``r`` resets the conversation.
 
 import argparse
 
-from . import cpu
+from . import cpu, policy
 from .errors import UserError, cli
 from .generate import setup
 
@@ -26,7 +26,7 @@ def make_parser():
 @cli
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)  # here: it re-executes only from the __main__ module
+    policy.start(args.fast_blas)  # here: it re-executes only from the __main__ module
     from mlx_lm import stream_generate
 
     model, tokenizer, sampler = setup(args)

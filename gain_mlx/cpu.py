@@ -1,4 +1,5 @@
-"""CPU speed: an optimized BLAS for MLX on Linux, and float copies of quantized models.
+"""CPU mechanics: an optimized BLAS for MLX on Linux, CPU streams, float copies of quantized
+models. Whether to use any of them is decided by :mod:`gain_mlx.policy`.
 
 The Linux ``mlx[cpu]`` wheel links the netlib reference BLAS (``mlx_cpu.libs/libblas-*.so``),
 20-40x slower than an optimized one. ``LD_PRELOAD`` of a library that exports the standard
@@ -36,7 +37,7 @@ ENV_GUARD = "GAIN_MLX_FAST_BLAS_EXEC"  # set in the re-executed process
 # MLX orders an evaluation breadth-first, at most this many arrays wide (its default is
 # 20). Wider lets the micro-batches of a split training step (step_parallelism) run side
 # by side on their streams instead of mostly one after the other. Read once, at the
-# first evaluation of the process: set by ensure_fast_blas, first thing in every CLI.
+# first evaluation of the process: set by policy.start, first thing in every CLI.
 BFS_WIDTH = ("MLX_BFS_MAX_WIDTH", "200")
 INSTALL_HINT = "pip install mkl (no root needed; gain-mlx installs it on Linux x86-64), or apt-get install libopenblas0-pthread"
 
@@ -100,10 +101,6 @@ def preloaded_blas():
     return next((p for p in mapped if _exports_cblas(p)), None)
 
 
-def _say(message):
-    print(f"[gain_mlx] {message}", file=sys.stderr, flush=True)
-
-
 def add_fast_blas_argument(parser):
     """Add ``--no-fast-blas`` to a CLI's argparse parser (dest ``fast_blas``)."""
     parser.add_argument(
@@ -115,35 +112,30 @@ def add_fast_blas_argument(parser):
     )
 
 
-def ensure_fast_blas(enabled=True):
-    """Make MLX on a Linux CPU use an optimized BLAS; call first thing in a CLI's main().
+def ensure_fast_blas(enabled: bool, from_main: bool):
+    """Make MLX on a Linux CPU use an optimized BLAS; returns what the matmuls use, for the
+    policy line (:func:`gain_mlx.policy.start`, which decides whether to call this).
 
     Re-executes the running command once (``sys.orig_argv``) with ``LD_PRELOAD`` set when
     an optimized BLAS is installed. Does nothing off Linux, without the stock mlx[cpu]
-    BLAS, or when called from a function that is not the program's ``__main__`` (e.g.
-    from tests), so it never replaces a process that did not ask for it. Prints one line
-    saying which BLAS is used.
+    BLAS, or unless ``from_main`` (the caller is the program's ``__main__``, not a test
+    or a library user), so it never replaces a process that did not ask for it.
     """
     if stock_blas() is None:
-        return
-    os.environ.setdefault(*BFS_WIDTH)
+        return None
     if os.environ.get(ENV_GUARD):
         if path := preloaded_blas():
-            _say(f"MLX CPU matmuls use {path} ({ENV_SWITCH}=0 or --no-fast-blas: off)")
-        else:
-            _say("preloading the optimized BLAS failed; MLX uses its slow reference BLAS")
-        return
+            return f"MLX CPU matmuls use {path} ({ENV_SWITCH}=0 or --no-fast-blas: off)"
+        return "preloading the optimized BLAS failed; MLX uses its slow reference BLAS"
     if not enabled or os.environ.get(ENV_SWITCH) == "0":
-        _say("fast BLAS off: MLX CPU matmuls use the slow reference BLAS")
-        return
-    if preloaded_blas():
-        return
+        return "fast BLAS off: MLX CPU matmuls use the slow reference BLAS"
+    if path := preloaded_blas():
+        return f"MLX CPU matmuls use {path} (preloaded)"
     found = find_fast_blas()
     if found is None:
-        _say(f"MLX CPU training is 20-40x faster with an optimized BLAS: {INSTALL_HINT}")
-        return
-    if sys._getframe(1).f_globals.get("__name__") != "__main__":
-        return
+        return f"MLX CPU training is 20-40x faster with an optimized BLAS: {INSTALL_HINT}"
+    if not from_main:
+        return None
     env = dict(os.environ, **{ENV_GUARD: "1"})
     env["LD_PRELOAD"] = " ".join(filter(None, [found[1], os.environ.get("LD_PRELOAD")]))
     sys.stdout.flush()
@@ -199,14 +191,13 @@ def cpu_cores():
 
 
 def step_parallelism(batch_size, cores=None):
-    """``(micro_batches, blas_threads)`` for a training step on this machine's CPU.
-
-    On a CPU device: one micro-batch per core (at most one sequence each), each with
-    ``cores // micro_batches`` BLAS threads; ``(1, None)`` (no split, BLAS untouched)
-    on a GPU, with one core, or for a batch of one.
+    """``(micro_batches, blas_threads)`` for a training step on this machine's CPU: one
+    micro-batch per core (at most one sequence each), each with ``cores // micro_batches``
+    BLAS threads; ``(1, None)`` (no split, BLAS untouched) with one core or for a batch
+    of one. Whether to split at all is the policy's choice (:mod:`gain_mlx.policy`).
     """
     cores = cores or cpu_cores()
-    if mx.default_device() != mx.cpu or cores < 2 or batch_size < 2:
+    if cores < 2 or batch_size < 2:
         return 1, None
     n = min(cores, batch_size)
     return n, max(1, cores // n)

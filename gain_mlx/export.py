@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 @cli
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    # No cpu.ensure_fast_blas: nothing here multiplies matrices, and re-executing the
-    # process to preload a BLAS would cost more than the whole copy of a small file.
+    # No policy.start: nothing here multiplies matrices, and re-executing the process to
+    # preload a BLAS would cost more than the whole copy of a small file.
     try:
         export_gguf(args.gguf, args.adapter_path, args.out, args.fallback, args.metadata, args.force,
                     check_rows=args.check_rows, fsync=args.fsync)

@@ -25,12 +25,13 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from . import cpu
+from . import cpu, policy
 from .adapter import (
     GAINS_FILE,
     apply_gains,
     gain_parameters,
     load_adapter,
+    lineage_lines,
     load_gains_file,
     read_adapter,
     targets_from_config,
@@ -261,6 +262,11 @@ def _check_output(save_path: Path, force: bool, *inputs):
         raise FuseError(f"--save-path {save_path} already exists: choose another or pass --force")
 
 
+def _lineage_section(info: dict) -> str:
+    lines = lineage_lines({"lineage": info.get("lineage")})
+    return "The adapter's training stages:\n\n" + "\n".join(lines) + "\n\n" if lines else ""
+
+
 def _model_card(info: dict, report: list) -> str:
     rows = "\n".join(
         f"| {m} | {s['count']} | {s['max_rel_error']:.2e} |" for m, s in summarize(report).items()
@@ -289,7 +295,7 @@ absorbed its gain and the relative error against `dequantize(W) * gain` (float32
 |---|---|---|
 {rows}
 
-Methods: `scales` multiplies a producer's rows via their quantization scales and biases
+{_lineage_section(info)}Methods: `scales` multiplies a producer's rows via their quantization scales and biases
 (integers untouched); `exponent` shifts E8M0 scale exponents; `float` scales a float
 weight; `requantize` dequantizes, scales and requantizes with the same settings. The
 per-tensor plan is in `{PLAN_FILE}`. Undo with
@@ -363,6 +369,7 @@ def fuse(
         "dequantized": dequantize,
         "summary": summarize(report),
         "history": history + [record],
+        "lineage": config_a.get("lineage"),
     }
     if verbose:
         print(format_plan(report))
@@ -406,7 +413,7 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="replace an existing --save-path")
     cpu.add_fast_blas_argument(parser)
     args = parser.parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
     try:
         fuse(
             args.model,

@@ -6,7 +6,7 @@ layers on the loaded base (``adapter.load_adapter``), checked against its finger
 
 import argparse
 
-from . import cpu
+from . import cpu, policy
 from .adapter import AdapterError, load_adapter
 from .errors import UserError, UsageError, cli
 from .hub import resolve_adapter
@@ -75,7 +75,7 @@ def setup(args):
 @cli
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)  # here: it re-executes only from the __main__ module
+    policy.start(args.fast_blas)  # here: it re-executes only from the __main__ module
     import sys
 
     from mlx_lm import generate

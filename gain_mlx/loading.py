@@ -1,6 +1,6 @@
 """Resolve ``--model``: nothing -> the packaged SmolLM2 GGUF, a short name of
 ``gain_mlx.models`` -> that packaged GGUF, ``*.gguf`` -> a cached
-MLX conversion, anything else -> ``mlx_lm.load`` (local folder or Hugging Face repo)."""
+MLX conversion (quantized or float32, as the device policy chooses), anything else -> ``mlx_lm.load`` (local folder or Hugging Face repo)."""
 
 from pathlib import Path
 
@@ -32,10 +32,21 @@ def resolve_model(spec=None, verbose: bool = True) -> str:
     if str(spec).endswith(".gguf"):
         if not Path(spec).is_file():
             raise FileNotFoundError(f"GGUF file {spec} not found")
-        from .gguf.convert import cached_convert
-
-        return str(cached_convert(Path(spec)))
+        return str(_convert(Path(spec)))
     return str(spec)
+
+
+def _convert(gguf_path: Path) -> Path:
+    """The cached conversion of ``gguf_path`` in the form the device policy chooses,
+    said in one line on stderr (:func:`gain_mlx.policy.gguf_form`)."""
+    import sys
+
+    from . import policy
+    from .gguf.convert import cached_convert
+
+    form, why = policy.gguf_form(gguf_path)
+    print(f"[gain_mlx] {gguf_path.name}: {form} conversion ({why})", file=sys.stderr, flush=True)
+    return cached_convert(gguf_path, form=form)
 
 
 def load_model(spec=None, verbose: bool = True):

@@ -1,10 +1,13 @@
 """The token loss every part of gain_mlx computes: training, evaluation and the probe.
 
-On a CPU, cross entropy takes one exponential pass over the vocabulary (as ``2 ** x``,
-which MLX's Linux wheel runs ~2.5x faster than ``exp``) and keeps it for the backward
-pass; on a GPU, mlx's fused kernel. Evaluation needs no gradient, so on a CPU it takes
-the logits out of MLX and computes the loss in numpy, whose vectorized ``exp`` runs
-~8x faster than MLX's CPU cross entropy (see :func:`token_losses`).
+Which loss runs is the device policy's choice (:mod:`gain_mlx.policy`, ``cpu_loss``).
+cpu: cross entropy takes one exponential pass over the vocabulary (as ``2 ** x``, which
+MLX's Linux wheel runs ~2.5x faster than ``exp``) and keeps it for the backward pass;
+evaluation needs no gradient, so it takes the logits out of MLX and computes the loss in
+numpy, whose vectorized ``exp`` runs ~8x faster than MLX's CPU cross entropy. gpu: mlx's
+cross entropy; evaluation takes the logits in chunks of rows, or of one row's positions,
+so that at most ``policy.LOGITS_BYTES`` of float32 logits exist at once (4 x 2048 tokens
+x a 262K vocabulary would be 8.6 GB).
 """
 
 import math
@@ -13,6 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+
+from . import policy
 
 
 LOG2E = math.log2(math.e)
@@ -43,10 +49,10 @@ def _cpu_cross_entropy_vjp(primals, cotangents, outputs):
 def cross_entropy(logits, targets):
     """Per-token cross entropy, ``nn.losses.cross_entropy(logits, targets)`` computed in float32.
 
-    On a CPU one exponential pass over the logits serves forward and backward (against
-    three full passes plus two exponentials in mlx's version); on a GPU, mlx's fused kernel.
+    cpu policy: one exponential pass over the logits serves forward and backward (against
+    three full passes plus two exponentials in mlx's version); gpu policy: mlx's kernel.
     """
-    if mx.default_device() != mx.cpu:
+    if not policy.current().cpu_loss:
         return nn.losses.cross_entropy(logits, targets)
     return _cpu_cross_entropy(logits, targets)[0]
 
@@ -76,16 +82,16 @@ def token_losses(forward, inputs, targets, mask, streams) -> np.ndarray:
     """Per-token cross entropy of the logits ``forward(*inputs)`` for evaluation (no
     gradient), as a float32 numpy array shaped like ``targets``, zeros where ``mask`` is 0.
 
-    ``inputs`` is a tuple of arrays split along their first axis :func:`across_streams`
-    (``forward`` a model and ``inputs`` ``(token_ids,)``, say). On a CPU, the loss is then
-    computed in numpy, one thread per part, and only at the masked-in positions; elsewhere
-    with mlx's :func:`cross_entropy`.
+    ``inputs`` is a tuple of arrays that ``forward`` takes split along their first axis
+    (``forward`` a model and ``inputs`` ``(token_ids,)``, say). cpu policy: split
+    :func:`across_streams`, then the loss in numpy, one thread per part, only at the
+    masked-in positions. gpu policy: a few rows at a time (:func:`policy.logit_chunk`).
     """
     targets, mask = np.asarray(targets), np.asarray(mask)
+    if not policy.current().cpu_loss:
+        return _row_chunked_losses(forward, inputs, targets, mask)
     parts = across_streams(lambda *x: forward(*x).astype(mx.float32), streams, *map(mx.array, inputs))
     mx.eval(parts)
-    if mx.default_device() != mx.cpu:
-        return np.asarray(cross_entropy(mx.concatenate(parts), mx.array(targets))) * mask
     bounds = np.cumsum([0] + [p.shape[0] for p in parts])
 
     def part_losses(i):
@@ -99,6 +105,48 @@ def token_losses(forward, inputs, targets, mask, streams) -> np.ndarray:
 
     with ThreadPoolExecutor(len(parts)) as pool:  # numpy releases the GIL: one core each
         return np.concatenate(list(pool.map(part_losses, range(len(parts)))))
+
+
+def _chunk_losses(logits, targets, mask) -> np.ndarray:
+    """mlx's cross entropy of one chunk of logits, in float32, as numpy."""
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.array(targets)) * mx.array(mask)
+    return np.asarray(ce.astype(mx.float32))
+
+
+def _vocab(forward, inputs) -> int:
+    """The vocabulary size, from the shape of a one-row forward pass that is never evaluated."""
+    return forward(*(mx.array(a[:1]) for a in inputs)).shape[-1]
+
+
+def _row_chunked_losses(forward, inputs, targets, mask) -> np.ndarray:
+    """:func:`token_losses` under the gpu policy: as many rows at a time as
+    :func:`policy.logit_chunk` allows."""
+    rows = policy.logit_chunk(targets.shape[1], _vocab(forward, inputs))
+    return np.concatenate([
+        _chunk_losses(forward(*(mx.array(a[lo:lo + rows]) for a in inputs)), targets[lo:lo + rows], mask[lo:lo + rows])
+        for lo in range(0, len(targets), rows)
+    ])
+
+
+def _chunked_losses(model, inputs, targets, mask) -> np.ndarray:
+    """Per-token losses of a causal ``model`` under the gpu policy: as many whole rows at a
+    time as :func:`policy.logit_chunk` allows; a row whose logits alone exceed that goes
+    one at a time over chunks of positions through a KV cache, as generation's prefill."""
+    length = inputs.shape[1]
+    vocab = _vocab(model, (inputs,))
+    rows = policy.logit_chunk(length, vocab)
+    step = policy.logit_chunk(min(rows, len(inputs)), vocab)
+    out = []
+    for lo in range(0, len(inputs), rows):
+        cache = make_prompt_cache(model) if step < length else None
+        parts = []
+        for start in range(0, length, step):
+            at = (slice(lo, lo + rows), slice(start, start + step))
+            parts.append(_chunk_losses(model(mx.array(inputs[at]), cache=cache), targets[at], mask[at]))
+            if cache is not None:
+                mx.eval([c.state for c in cache])
+        out.append(np.concatenate(parts, axis=1))
+    return np.concatenate(out)
 
 
 def summed_loss(model, batch, lengths):
@@ -128,10 +176,14 @@ def across_streams(fn, streams, *arrays) -> list:
 
 def evaluation_loss(model, batch, lengths, streams) -> tuple:
     """``(sum of the token losses, token count)`` as :func:`summed_loss` computes them, for
-    evaluation: the forward passes split :func:`across_streams`, the loss by
-    :func:`token_losses`, summed in float64."""
+    evaluation, summed in float64. cpu policy: the forward passes split
+    :func:`across_streams`, the loss by :func:`token_losses`; gpu policy: in chunks of
+    rows or positions (:func:`_chunked_losses`)."""
     batch, lengths = np.asarray(batch), np.asarray(lengths)
     steps = np.arange(1, batch.shape[1])
     mask = (steps >= lengths[:, 0:1]) & (steps <= lengths[:, 1:])
-    losses = token_losses(model, (batch[:, :-1],), batch[:, 1:], mask, streams)
+    if policy.current().cpu_loss:
+        losses = token_losses(model, (batch[:, :-1],), batch[:, 1:], mask, streams)
+    else:
+        losses = _chunked_losses(model, batch[:, :-1], batch[:, 1:], mask)
     return float(losses.sum(dtype=np.float64)), int(mask.sum())

@@ -15,9 +15,10 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from . import cpu
+from . import cpu, policy
 from .errors import UserError, cli
 from .loss import token_losses
+from .progress import say
 
 DEFAULT_PROBE = ".cache/corpora/probe/definitions.jsonl"
 PROBE_HINT = "python tools/make_probe.py"
@@ -114,7 +115,7 @@ def continuation_logprobs(model, pairs) -> list:
     the definitions probe: 4.4K tokens through the layers and 3.9K through the output
     layer, against 6.6K each when every pair ran whole.
     """
-    micro_batches, threads = cpu.step_parallelism(BATCH)  # the cores side by side, as in training
+    micro_batches, threads = policy.step_parallelism(BATCH)  # the cores side by side, as in training
     streams = cpu.streams(micro_batches)
     out = [0.0] * len(pairs)
     groups = {}  # contexts of one length run as one batch
@@ -181,14 +182,16 @@ def build_parser():
 
 @cli
 def main(argv=None):
-    from .cpu import dequantize_model, ensure_fast_blas
     from .generate import load
 
     args = build_parser().parse_args(argv)
-    ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
     model, tokenizer = load(args.model, args.adapter_path)
     probe = load_probe(args.probe, tokenizer, args.questions)
-    result = score(dequantize_model(model), probe)
+    model, note = policy.compute_model(model)
+    if note:
+        say(f"Scoring {note}")
+    result = score(model, probe)
     print(json.dumps(result))
 
 

@@ -5,6 +5,8 @@ weights after each domain and started afresh), and after every stage the validat
 perplexity of every domain is measured. Every method (GAIN, GAIN-FFN, mlx-lm's LoRA)
 runs through the same training loop (``gain_mlx.train.train_gains``) on the same
 batches, so budgets are identical by construction; only the trainable modules differ.
+A GAIN stage is what ``python -m gain_mlx.train --resume-adapter-file`` does on that
+domain with ``--seed <seed + stage>`` (the same gains, tested).
 Each method is swept over learning rates, since forgetting depends on the rate more
 than on anything else.
 
@@ -25,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.datasets import TextDataset
@@ -35,13 +36,14 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .adapter import apply_gains
 from .arch import find_targets, get_module
-from .cpu import add_fast_blas_argument, copy_model, dequantize_model, ensure_fast_blas
+from . import policy
+from .cpu import add_fast_blas_argument, copy_model
 from .errors import UsageError, UserError, cli
 from .files import atomic_write
 from .layers import GainLinear
 from .probe import DEFAULT_PROBE, load_probe
 from .probe import score as probe_score
-from .train import evaluate_loss, train_gains
+from .train import build_optimizer, evaluate_loss, train_gains
 
 DEFAULT_DATA_ROOT = ".cache/corpora/domains"
 CORPORA_HINT = "python tools/make_corpora.py --out {root}"
@@ -234,7 +236,7 @@ def run_method(base, method, lr, stages, domains, cfg, seed=0, probe=None, log=p
     for i, stage in enumerate(stages):
         stage_tic = time.perf_counter()
         mx.random.seed(seed + i)
-        optimizer = optim.Adam(learning_rate=lr)  # a fresh optimizer per domain
+        optimizer = build_optimizer("adam", lr)  # a fresh optimizer per domain, as --resume-adapter-file
         metrics = train_gains(model, optimizer, stage.train, None, args, seed=seed + i, log=lambda *a: None)
         if cfg.merge:
             merge(model)
@@ -624,7 +626,9 @@ def run(cfg, log=print) -> dict:
         check_domain(folder)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, model_path = load_model(cfg.model)
-    base = dequantize_model(model)  # CPU: float matmuls use BLAS, quantized ones do not
+    base, note = policy.compute_model(model, "on" if cfg.merge else "auto")
+    if note:
+        log(f"Base: {note}" + (": --merge folds gains into float weights" if cfg.merge else ""))
     base.freeze()
 
     domains = [load_domain(f, tokenizer, cfg.max_seq_length, cfg.val_examples) for f in folders]
@@ -738,7 +742,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
     try:
         run(args)
     except ValueError as e:

@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
 
-from . import cpu
+from . import cpu, policy
 from .errors import UsageError, UserError, cli
 
 log = logging.getLogger("gain_mlx.serve")
@@ -1431,7 +1431,7 @@ def main(argv=None):
     adapters = parse_adapters(args.adapters) + (adapters_in_dir(args.adapter_dir) if args.adapter_dir else [])
     if len({n for n, _ in adapters}) != len(adapters):
         raise UsageError("two adapters have the same name: name each one differently")
-    cpu.ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     try:
         engine = Engine(

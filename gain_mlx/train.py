@@ -1,12 +1,16 @@
 """``python -m gain_mlx.train``: learn GAIN gains on a frozen mlx-lm model.
 
 Flags follow ``mlx_lm.lora`` (plus ``-c config.yaml``). The loop reuses mlx-lm's
-batching, loss, evaluation and gradient checkpointing; it adds what mlx-lm's trainer
-lacks for resuming: gains, optimizer state and the step counter are checkpointed
-together, and the data order is restored.
+batching, loss, evaluation, gradient checkpointing, optimizers and reporting callbacks;
+it adds what mlx-lm's trainer lacks for resuming: gains, optimizer state and the step
+counter are checkpointed together, and the data order is restored.
+``--resume-adapter-file`` continues a finished adapter on new data (a new stage of its
+lineage, recorded in ``gain_config.json``) while named retain sets show every earlier
+domain.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -25,12 +29,13 @@ from mlx_lm.lora import yaml_loader  # reads 1e-3 as a float, as mlx-lm does
 from mlx_lm.tuner.trainer import TrainingArgs, grad_checkpoint, iterate_batches
 
 from . import adapter as gain_adapter
-from . import cpu
+from . import cpu, policy
 from .arch import ARCHITECTURES, VARIANTS
 from .errors import UsageError, UserError, cli
 from .files import atomic_write, save_safetensors
 from .loss import across_streams, summed_loss
-from .monitor import KEEP, Monitor, evaluate_loss, isolated, load_retain_set, read_history
+from .monitor import (KEEP, Monitor, evaluate_loss, isolated, load_retain_set, parse_budgets,
+                      parse_retain_specs, read_history, set_name)
 from .progress import progress, say
 
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
@@ -58,6 +63,7 @@ CONFIG_DEFAULTS = {
     "learning_rate": DEFAULT_LEARNING_RATE,
     "lr_schedule": None,
     "optimizer": "adam",
+    "optimizer_config": {},
     "max_seq_length": 2048,
     "grad_checkpoint": False,
     "grad_accumulation_steps": 1,
@@ -67,6 +73,7 @@ CONFIG_DEFAULTS = {
     "val_batches": 4,
     "save_every": 10,
     "resume": False,
+    "resume_adapter_file": None,
     "test": False,
     "test_batches": -1,
     "mask_prompt": False,
@@ -76,9 +83,26 @@ CONFIG_DEFAULTS = {
     "retain_budget": None,
     "stop_on_budget": False,
     "keep": "last",
+    "watch_lineage": True,
+    "report_to": None,
+    "project_name": None,
 }
 
-OPTIMIZERS = {"adam": optim.Adam, "sgd": optim.SGD}
+# mlx-lm's optimizers (mlx_lm/lora.py); each takes its keyword arguments from the YAML
+# key optimizer_config: {adamw: {weight_decay: 0.01}}.
+OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
+              "adafactor": optim.Adafactor}
+
+
+def build_optimizer(name: str, learning_rate, optimizer_config=None):
+    """``OPTIMIZERS[name](learning_rate, **optimizer_config[name])``, as mlx-lm builds it."""
+    if name not in OPTIMIZERS:
+        raise UsageError(f"--optimizer {name}: choose from {', '.join(OPTIMIZERS)}")
+    kwargs = (optimizer_config or {}).get(name) or {}
+    try:
+        return OPTIMIZERS[name](learning_rate=learning_rate, **kwargs)
+    except TypeError as e:
+        raise UserError(f"optimizer_config.{name}: {e}: use {OPTIMIZERS[name].__name__}'s arguments") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,22 +137,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-eval", type=int, help="steps between validation runs")
     p.add_argument("--val-batches", type=int, help="validation batches per evaluation, -1 for all")
     p.add_argument("--save-every", type=int, help="steps between checkpoints")
-    p.add_argument("--resume", action="store_true", default=None, help="continue the run saved in --adapter-path")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the interrupted run saved in --adapter-path")
+    p.add_argument("--resume-adapter-file", help="continue a finished adapter (its folder or gains file) on new "
+                   "--data with a fresh optimizer: a new stage of its lineage, written to --adapter-path")
     p.add_argument("--test", action="store_true", default=None, help="evaluate on test.jsonl after training")
     p.add_argument("--test-batches", type=int, help="test batches, -1 for all")
     p.add_argument("--mask-prompt", action="store_true", default=None, help="train only on completions (completions/chat data)")
     p.add_argument(
         "--dequantize",
         choices=("auto", "on", "off"),
-        help="train a quantized base through a float32 copy dequantized once; auto (default): "
-        "on when MLX runs on the CPU, where quantized matmuls are slow. The adapter is the same.",
+        help="train a quantized base through a float copy dequantized once; auto (default): "
+        "the device policy's choice (cpu: on when the copy fits in memory, since quantized matmuls "
+        "are slow there; gpu: off). The adapter is the same.",
     )
-    p.add_argument("--retain-data", help="general text evaluated next to validation to show forgetting: a .jsonl "
-                   "file or data folder (default: examples/retain, public-domain prose); none: off")
-    p.add_argument("--retain-budget", type=float, help="PCT: warn when retain perplexity worsens by more than PCT%% against the base")
-    p.add_argument("--stop-on-budget", action="store_true", default=None, help="stop training when the retain budget is exceeded")
+    p.add_argument("--retain-data", help="text evaluated next to validation to show forgetting: name=PATH,name=PATH "
+                   "(or bare paths, named after their file), each a .jsonl file or data folder "
+                   "(default: examples/retain, public-domain prose); none: off")
+    p.add_argument("--retain-budget", help="PCT: warn when a retain set's perplexity worsens by more than PCT%% "
+                   "against step 0; name=PCT for one set (e.g. 1,legal=3)")
+    p.add_argument("--no-watch-lineage", dest="watch_lineage", action="store_false", default=None,
+                   help="with --resume-adapter-file: do not add the earlier stages' validation data as retain sets")
+    p.add_argument("--stop-on-budget", action="store_true", default=None, help="stop training when any retain budget is exceeded")
     p.add_argument("--keep", choices=KEEP, help="adapter written at the end: last (default) or the evaluated checkpoint "
-                   "with the best validation perplexity within the retain budget")
+                   "with the best validation perplexity within every retain budget")
+    p.add_argument("--report-to", help="services to report to through mlx-lm's callbacks: wandb, swanlab or wandb,swanlab")
+    p.add_argument("--project-name", help="project name for --report-to (default: the adapter folder's name)")
     cpu.add_fast_blas_argument(p)
     return p
 
@@ -151,9 +184,11 @@ def parse_args(argv=None) -> types.SimpleNamespace:
         for k, v in config.items():
             if args.get(k) is None:
                 args[k] = v
+    given = {k for k, v in args.items() if v is not None}
     for k, v in CONFIG_DEFAULTS.items():
         if args.get(k) is None:
             args[k] = v
+    args["given"] = given  # what the user set (flags or YAML): checked against a continued adapter
     if isinstance(args["targets"], str):
         args["targets"] = [t for t in args["targets"].split(",") if t]
     return types.SimpleNamespace(**args)
@@ -244,20 +279,23 @@ def train_gains(
     log=print,
     monitor=None,
     show_progress=False,
+    callback=None,
 ) -> dict:
     """Train the model's trainable parameters (its gains) from ``start_step`` to ``args.iters``.
 
     Returns the last reported metrics. ``on_save(step)`` is called at each checkpoint.
     ``monitor`` (a :class:`Monitor`) evaluates validation and retain perplexity at step 0
     and every ``steps_per_eval``; without one, ``valid_set`` alone is evaluated.
-    ``show_progress``: a progress bar with rate and ETA on stderr.
+    ``show_progress``: a progress bar with rate and ETA on stderr. ``callback``: an
+    mlx-lm ``TrainingCallback`` (``--report-to``) given every training report and every
+    evaluation (validation and each retain set).
     """
     world = mx.distributed.init()
     rank, world_size = world.rank(), world.size()
     log = log if rank == 0 else (lambda *a, **k: None)
     if args.grad_checkpoint:
         grad_checkpoint(model.layers[0])
-    micro_batches, step_threads = cpu.step_parallelism(args.batch_size // world_size)
+    micro_batches, step_threads = policy.step_parallelism(args.batch_size // world_size)
     loss_value_and_grad = loss_and_grad(model, micro_batches)
     accum = args.grad_accumulation_steps
     state = [model.state, optimizer.state]
@@ -281,7 +319,10 @@ def train_gains(
         tic = time.perf_counter()
         row = monitor.evaluate(model, it, train_loss, optimizer.learning_rate.item())
         model.train()
-        log(f"Iter {it}: {Monitor.describe(row)}, took {time.perf_counter() - tic:.1f}s")
+        took = time.perf_counter() - tic
+        log(f"Iter {it}: {Monitor.describe(row)}, took {took:.1f}s")
+        if callback is not None and rank == 0:
+            callback.on_val_loss_report(_val_info(row, it, took))
         return row
 
     batches = isolated(
@@ -333,6 +374,12 @@ def train_gains(
                 peak_memory_gb=mx.get_peak_memory() / 1e9,
             )
             lr = optimizer.learning_rate.item()
+            if callback is not None and rank == 0:
+                callback.on_train_loss_report({
+                    "iteration": it, "train_loss": train_loss, "learning_rate": lr,
+                    "iterations_per_second": steps / train_time, "tokens_per_second": metrics["tokens_per_second"],
+                    "trained_tokens": tokens, "peak_memory": metrics["peak_memory_gb"],
+                })
             log(
                 f"Iter {it}: train loss {train_loss:.3f}, lr {lr:.2e}, "
                 f"{steps / train_time:.2f} it/s, {metrics['tokens_per_second']:.0f} tok/s, "
@@ -351,6 +398,16 @@ def train_gains(
     if "val_ppl" in metrics:
         metrics["val_loss"] = math.log(metrics["val_ppl"])
     return metrics
+
+
+def _val_info(row, it, took) -> dict:
+    """An evaluation row as mlx-lm's callbacks take it: val_loss plus every set's ppl and change."""
+    info = {"iteration": it, "val_time": took}
+    if "val_ppl" in row:
+        info["val_loss"] = math.log(row["val_ppl"])
+    info.update((k, v) for k, v in row.items() if k.endswith(("_ppl", "_change")))
+    info["within_budget"] = int(row["within_budget"])
+    return info
 
 
 def _above_bar(log, bar):
@@ -448,11 +505,6 @@ def _check_sizes(args, train_set):
         )
 
 
-def _wants_float_copy(model, mode: str) -> bool:
-    quantized = any(hasattr(m, "scales") for _, m in model.named_modules())
-    return quantized and (mode == "on" or (mode == "auto" and mx.default_device() == mx.cpu))
-
-
 def resolve_tie_kv(mode, model, quantized: bool) -> tuple:
     """(tie, why) for --tie-kv auto/on/off (True/False accepted from old configs)."""
     if mode in (True, "on"):
@@ -471,6 +523,126 @@ def resolve_tie_kv(mode, model, quantized: bool) -> tuple:
     return True, "auto: quantized GQA base, an exact fold into V rows needs it"
 
 
+def _data_folder(args) -> Path:
+    return Path(args.data) if args.data else EXAMPLE_DATA
+
+
+def data_fingerprint(folder: Path) -> str:
+    """sha256 (16 hex digits) of a data folder's train.jsonl and valid.jsonl."""
+    h = hashlib.sha256()
+    for name in ("train.jsonl", "valid.jsonl"):
+        if (folder / name).is_file():
+            h.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stage_record(args, source=None) -> dict:
+    """One stage of an adapter's lineage (``final``: filled in at each save)."""
+    data = _data_folder(args)
+    return {"data": str(data.resolve()), "data_fingerprint": data_fingerprint(data), "steps": args.iters,
+            "learning_rate": args.learning_rate, "lr_schedule": args.lr_schedule, "optimizer": args.optimizer,
+            "batch_size": args.batch_size, "seed": args.seed, "continued_from": source, "final": None}
+
+
+def record_stage(config: dict, step: int, row, kept=False) -> None:
+    """The steps and final metrics (an evaluation row) of the lineage's current stage."""
+    if not config.get("lineage"):
+        return
+    stage = config["lineage"][-1]
+    stage["steps"] = step
+    if row is not None:
+        stage["final"] = {k: v for k, v in row.items() if k not in ("lr", "within_budget")}
+        stage["final"]["kept"] = "best" if kept else "last"
+
+
+def _adapter_files(spec) -> tuple:
+    """(folder, gains file) of ``--resume-adapter-file``: a folder or its gains file."""
+    path = Path(spec)
+    folder, gains = (path, path / gain_adapter.GAINS_FILE) if path.is_dir() else (path.parent, path)
+    if not gains.is_file() or not (folder / gain_adapter.CONFIG_FILE).is_file():
+        raise UserError(f"--resume-adapter-file {spec}: no {gain_adapter.GAINS_FILE} and {gain_adapter.CONFIG_FILE} "
+                        "there: pass an adapter folder or its gains file")
+    return folder, gains
+
+
+def continue_adapter(model, args) -> dict:
+    """Apply and load the gains of ``--resume-adapter-file`` on the same base, variant and
+    targets; returns its config with a new lineage stage."""
+    folder, gains_file = _adapter_files(args.resume_adapter_file)
+    source = f"--resume-adapter-file {args.resume_adapter_file}"
+    config, _ = gain_adapter.read_adapter(folder)
+    tie = None if args.tie_kv == "auto" else args.tie_kv in (True, "on")
+    given = getattr(args, "given", ())
+    for key, flag, value in (("variant", "--variant", args.variant), ("custom_targets", "--targets", args.targets),
+                             ("tie_kv", "--tie-kv", tie)):
+        if flag[2:].replace("-", "_") in given and value is not None and value != config.get(key):
+            raise UserError(f"{source} has {flag} {config.get(key)}, not {value}: continue it with the same "
+                            f"{flag} (or leave {flag} out), or train a new adapter")
+    gain_adapter.load_adapter(model, folder, source=source, gains_file=gains_file)
+    args.variant, args.tie_kv = config["variant"], config["tie_kv"]
+    config = dict(config)
+    earlier = config.get("lineage") or [{"data": config.get("data"), "final": None, "note": "trained before "
+                                         "gain_mlx recorded lineage"}]
+    config["lineage"] = [*earlier, stage_record(args, source=str(folder.resolve()))]
+    print(f"Continuing {folder} (stage {len(config['lineage'])} of its lineage; fresh {args.optimizer} optimizer)")
+    return config
+
+
+def lineage_sets(lineage, specs, data: Path) -> list:
+    """``[(name, valid.jsonl)]`` of earlier stages still on disk, beside ``specs``; says which."""
+    names, paths = {n for n, _ in specs}, {Path(p).resolve() for _, p in specs}
+    paths.add((data / "valid.jsonl").resolve())
+    found, missing = [], []
+    for i, stage in enumerate(lineage, 1):
+        valid = Path(stage["data"]) / "valid.jsonl" if stage.get("data") else None
+        if valid is None or not valid.is_file():
+            missing.append(stage.get("data") or f"stage {i}")
+            continue
+        if valid.resolve() in paths or Path(stage["data"]).resolve() in paths:
+            continue
+        name = set_name(Path(stage["data"]))
+        name = name if name not in names and name != "val" else f"{name}-{i}"
+        names.add(name)
+        paths.add(valid.resolve())
+        found.append((name, valid))
+    print("Watching the earlier stages' validation data (--no-watch-lineage: off): "
+          + (", ".join(f"{n} ({p})" for n, p in found) or "none")
+          + (f"; not on disk: {', '.join(missing)}" if missing else ""))
+    return found
+
+
+def reporting_callback(args, config: dict, specs):
+    """mlx-lm's reporting callbacks for ``--report-to`` (None without it); the run's config
+    carries the options, the retain sets and the adapter's lineage."""
+    if not args.report_to:
+        return None
+    from mlx_lm.tuner.callbacks import SUPPORT_CALLBACK, get_reporting_callbacks
+
+    unknown = [n for n in args.report_to.lower().replace(" ", "").split(",") if n and n not in SUPPORT_CALLBACK]
+    if unknown:
+        raise UsageError(f"--report-to {args.report_to}: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join(SUPPORT_CALLBACK)}")
+    adapter_path = Path(args.adapter_path)
+    adapter_path.mkdir(parents=True, exist_ok=True)
+    options = {k: v for k, v in vars(args).items() if k != "given"}
+    report = {**options, "retain_sets": {n: str(p) for n, p in specs}, "lineage": config.get("lineage"),
+              "variant": config["variant"]}
+    try:
+        return get_reporting_callbacks(args.report_to, project_name=args.project_name or adapter_path.resolve().name,
+                                       log_dir=str(adapter_path), config=report)
+    except (ImportError, ValueError) as e:
+        raise UserError(f"--report-to {args.report_to}: {e}") from None
+
+
+def finish_reporting(report_to: str) -> None:
+    """Close the runs the callbacks opened, so their files are complete when training returns."""
+    import sys
+
+    for name in ("wandb", "swanlab"):
+        if name in report_to.lower() and name in sys.modules:
+            sys.modules[name].finish()
+
+
 def run(args) -> dict:
     """Load, apply gains (or resume), train, save, optionally test. Returns final metrics."""
     from .loading import is_gguf, load_model
@@ -482,19 +654,21 @@ def run(args) -> dict:
     quantized_base = is_gguf(args.model) or any(
         hasattr(m, "scales") for _, m in model.named_modules()
     )
-    if _wants_float_copy(model, args.dequantize):
-        model = cpu.dequantize_model(model)
-        print("Training on a float32 copy of the quantized base (--dequantize off to keep quantized matmuls)")
+    model, base_note = policy.compute_model(model, args.dequantize)
+    if base_note:
+        print(f"Training on {base_note}")
     train_set, valid_set, test_set = _load_data(args, tokenizer)
     _check_sizes(args, train_set)
     adapter_path = Path(args.adapter_path)
-    retain = load_retain_set(args.retain_data, tokenizer, args)
-    if retain is not None:
-        retain = (retain[0], _truncate(retain[1], args.max_seq_length, "retain"))
-        print(f"Retain set (forgetting check): {retain[0]}, {len(retain[1])} sequences")
+    specs = parse_retain_specs(args.retain_data)
+    if args.resume and args.resume_adapter_file:
+        raise UsageError("--resume continues an interrupted run, --resume-adapter-file a finished adapter on "
+                         "new data: pass one of them")
 
     start_step, history = 0, None
-    if args.resume:
+    if args.resume_adapter_file:
+        config = continue_adapter(model, args)
+    elif args.resume:
         saved, config, history, gains, opt_saved = read_checkpoint(adapter_path)
         if (saved["seed"], saved["batch_size"]) != (args.seed, args.batch_size):
             raise UsageError(
@@ -510,14 +684,25 @@ def run(args) -> dict:
                 raise UserError(f"--resume: {adapter_path / CHECKPOINT_FILE} does not match its config: train afresh")
             model.load_weights(list(gains.items()), strict=False)
         start_step = saved["step"]
+        if config.get("lineage"):
+            config["lineage"][-1]["steps"] = args.iters
         print(f"Resuming from step {start_step} in {adapter_path}")
     else:
         args.tie_kv, why = resolve_tie_kv(args.tie_kv, model, quantized_base)
         print(f"KV-tied attention gains: {'on' if args.tie_kv else 'off'} ({why})")
         targets = gain_adapter.apply_gains(model, args.variant, args.tie_kv, args.targets)
         config = gain_adapter.adapter_config(
-            model, targets, args.variant, args.tie_kv, base_model=str(args.model or model_path)
+            model, targets, args.variant, args.tie_kv, base_model=str(args.model or model_path),
+            lineage=[stage_record(args)],
         )
+    if args.watch_lineage and len(config.get("lineage") or []) > 1:  # a continued adapter
+        specs += lineage_sets(config["lineage"][:-1], specs, _data_folder(args))
+    retain = {}
+    for name, path in specs:
+        path, dataset = load_retain_set(str(path), tokenizer, args)
+        retain[name] = _truncate(dataset, args.max_seq_length, name)
+        print(f"Retain set {name} (forgetting check): {path}, {len(dataset)} sequences")
+    budgets = parse_budgets(args.retain_budget, list(retain))
     if model.model_type in ARCHITECTURES and ARCHITECTURES[model.model_type].post_norm:
         print(f"Note: {model.model_type} normalises each sublayer's output (post-norm), which "
               "partly cancels a gain: expect weaker effects than on other architectures")
@@ -530,7 +715,7 @@ def run(args) -> dict:
         from mlx_lm.tuner.utils import build_schedule
 
         lr = build_schedule(args.lr_schedule)
-    optimizer = OPTIMIZERS[args.optimizer](learning_rate=lr)
+    optimizer = build_optimizer(args.optimizer, lr, args.optimizer_config)
     if args.resume:
         restore_optimizer(optimizer, model, opt_saved)
 
@@ -548,13 +733,15 @@ def run(args) -> dict:
     is_main = mx.distributed.init().rank() == 0
 
     monitor = Monitor(
-        valid_set, retain[1] if retain else None, args.batch_size, args.val_batches, args.max_seq_length,
-        adapter_path, args.retain_budget, args.stop_on_budget, args.keep,
+        valid_set, retain, args.batch_size, args.val_batches, args.max_seq_length,
+        adapter_path, budgets, args.stop_on_budget, args.keep,
         history=(history if history is not None else read_history(adapter_path)) if args.resume else None,
     )
+    callback = reporting_callback(args, config, specs) if is_main else None
 
     def on_save(step):
         if is_main:
+            record_stage(config, step, monitor.history[-1] if monitor.history else None)
             save_checkpoint(model, optimizer, adapter_path, config, step, args, monitor.history)
             monitor.write()
             print(f"Iter {step}: saved gains to {adapter_path / gain_adapter.GAINS_FILE}")
@@ -564,10 +751,11 @@ def run(args) -> dict:
         say(f"Training {args.iters - start_step} steps of {args.batch_size} sequences (<= {args.max_seq_length} tokens)")
         metrics = train_gains(
             model, optimizer, train_set, valid_set, training_args, args.seed, start_step, on_save,
-            monitor=monitor, show_progress=is_main,
+            monitor=monitor, show_progress=is_main, callback=callback,
         )
         kept = monitor.restore_best(model)
         if kept is not None and is_main:
+            record_stage(config, kept["step"], kept, kept=True)
             gain_adapter.save_adapter(model, adapter_path, config)
             monitor.write(kept_step=kept["step"])
             print(f"Kept step {kept['step']} (--keep best): {Monitor.describe(kept)}")
@@ -581,13 +769,15 @@ def run(args) -> dict:
         test_loss = evaluate_loss(model, test_set, args.batch_size, args.test_batches, args.max_seq_length)
         metrics["test_loss"] = test_loss
         print(f"Test loss {test_loss:.3f}, test ppl {math.exp(test_loss):.2f}")
+    if callback is not None:
+        finish_reporting(args.report_to)
     return metrics
 
 
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
     try:
         run(args)
     except ValueError as e:

@@ -49,19 +49,39 @@ def _metrics(path: Path) -> list:
     rows = record["history"]
     kept = next((r for r in rows if r.get("step") == record.get("kept_step")), rows[-1])
     base = record.get("base") or {}
-    lines = ["| | step | validation ppl | retain ppl (general text) |", "|---|---|---|---|"]
+    sets = record.get("retain_sets") or ["retain"]
+    keys = ["val_ppl"] + [f"{name}_ppl" for name in sets]
+    head = " | ".join(["validation ppl"] + [f"{name} ppl" for name in sets])
+    lines = [f"| | step | {head} |", "|---|---|" + "---|" * len(keys)]
 
     def cell(row, key):
         v = row.get(key)
         change = row.get(key.replace("_ppl", "_change"))
         return "-" if v is None else f"{v:.2f}" + (f" ({change:+.1%})" if change is not None else "")
 
-    lines.append(f"| base | 0 | {cell(base, 'val_ppl')} | {cell(base, 'retain_ppl')} |")
+    continued = len((_read_json(path / "gain_config.json") or {}).get("lineage") or []) > 1
+    start = "start (the adapter it continued)" if continued else "base"
+    lines.append(f"| {start} | 0 | " + " | ".join(cell(base, k) for k in keys) + " |")
     label = "kept (best within the retain budget)" if record.get("keep") == "best" else "final"
-    lines.append(f"| {label} | {kept.get('step', '?')} | {cell(kept, 'val_ppl')} | {cell(kept, 'retain_ppl')} |")
-    if record.get("retain_budget_pct") is not None:
-        lines.append(f"\nRetain budget: {record['retain_budget_pct']}% perplexity change on general text.")
+    lines.append(f"| {label} | {kept.get('step', '?')} | " + " | ".join(cell(kept, k) for k in keys) + " |")
+    budget = record.get("retain_budget_pct")
+    if isinstance(budget, dict) and budget:
+        budget = ", ".join(f"{name} {pct:g}%" for name, pct in budget.items())
+        lines.append(f"\nRetain budgets (perplexity change against step 0): {budget}.")
+    elif budget is not None:
+        lines.append(f"\nRetain budget: {budget}% perplexity change on general text.")
     return lines
+
+
+def _lineage(lineage) -> str:
+    """The card's lineage section: the training stages the adapter went through."""
+    from .adapter import lineage_lines
+
+    lines = lineage_lines({"lineage": lineage})
+    if len(lines) < 4:  # one stage: the metrics say it all
+        return ""
+    return ("\n## Lineage\n\nTrained domain after domain (`--resume-adapter-file`), each stage from the "
+            "gains of the one before:\n\n" + "\n".join(lines) + "\n")
 
 
 def _fold_plan_adapter(config: dict) -> list:
@@ -118,7 +138,7 @@ The base weights are untouched: the adapter is {n_params:,} numbers
 ## Metrics
 
 {chr(10).join(metrics) if metrics else 'No history.json was saved with this adapter.'}
-
+{_lineage(config.get('lineage'))}
 ## Fold plan
 
 Where each gain goes when it is merged (`gain_mlx.fuse`, `gain_mlx.export`):
@@ -177,7 +197,7 @@ as the base and no extra compute; no gain_mlx code is needed to run it.
 ## Metrics
 
 {metrics_text}
-
+{_lineage(plan.get('lineage'))}
 ## Fold plan
 
 How each tensor absorbed its gain, and the relative error against `dequantize(W) * gain` (float32);

@@ -170,3 +170,37 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("adapter") / "a"
     A.save_adapter(model, path, A.adapter_config(model, targets, "gain-ffn", False))
     return path
+
+
+# Core tests that run under both device policies (gain_mlx.policy) and must pass alike:
+# "gpu" forces the plain MLX path on this CPU, with float32 compute (fp16 matmuls are
+# ~100x slower here). tests/test_policy.py compares the two policies' numbers.
+# The whole suite runs under one policy with GAIN_MLX_POLICY=gpu GAIN_MLX_DTYPE=float32.
+POLICY_ENV = {"cpu": {"GAIN_MLX_POLICY": "cpu"}, "gpu": {"GAIN_MLX_POLICY": "gpu", "GAIN_MLX_DTYPE": "float32"}}
+BOTH_POLICIES = {
+    "test_train.py::test_training_lowers_loss_and_saves_adapter",
+    "test_train.py::test_quantized_folder_trains_through_float_copy",
+    "test_monitor.py::test_evaluate_loss_equals_mlx_lm_default_loss",
+    "test_loss.py::test_evaluation_loss_equals_the_training_loss",
+    "test_probe.py::test_score_matches_one_sequence_at_a_time",
+    "test_fuse.py::test_fused_folder_runs_in_plain_mlx_lm",
+    "test_export.py::test_rewrite_without_changes_is_byte_identical",
+    "test_serve.py::test_greedy_mixed_batch_equals_fused_generate",
+}
+
+
+def pytest_generate_tests(metafunc):
+    name = f"{metafunc.module.__name__.rsplit('.', 1)[-1]}.py::{metafunc.function.__name__}"
+    if name in BOTH_POLICIES:
+        metafunc.fixturenames.append("device_policy")
+        metafunc.parametrize("device_policy", list(POLICY_ENV), indirect=True)
+
+
+@pytest.fixture
+def device_policy(request, monkeypatch):
+    """Run the test under the policy ``request.param`` ("cpu" or "gpu", see POLICY_ENV)."""
+    for key in ("GAIN_MLX_POLICY", "GAIN_MLX_DTYPE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in POLICY_ENV[request.param].items():
+        monkeypatch.setenv(key, value)
+    return request.param

@@ -1,4 +1,5 @@
-"""gain_mlx.cpu: the Linux optimized-BLAS fast path and float copies of quantized models."""
+"""gain_mlx.cpu: the Linux optimized-BLAS fast path (as the device policy starts it) and float
+copies of quantized models."""
 
 import json
 import os
@@ -14,7 +15,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-from gain_mlx import cpu
+from gain_mlx import cpu, policy
 from gain_mlx.adapter import apply_gains
 
 from conftest import tiny_model
@@ -29,7 +30,8 @@ needs_fast_blas = pytest.mark.skipif(
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", cpu.ENV_GUARD, cpu.ENV_SWITCH)}
+    drop = ("LD_PRELOAD", cpu.ENV_GUARD, cpu.ENV_SWITCH, policy.ENV_POLICY, policy.ENV_DTYPE)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return {**env, **extra}
 
@@ -76,13 +78,13 @@ def test_preloaded_blas_matches_numpy_and_stock(tmp_path):
 CLI = textwrap.dedent(
     """
     import argparse, json, os
-    from gain_mlx import cpu
+    from gain_mlx import cpu, policy
 
     def main():
         parser = argparse.ArgumentParser()
         cpu.add_fast_blas_argument(parser)
         args = parser.parse_args()
-        cpu.ensure_fast_blas(args.fast_blas)
+        policy.start(args.fast_blas)
         print(json.dumps({"blas": cpu.preloaded_blas(), "pid": os.getpid(),
                           "guard": os.environ.get(cpu.ENV_GUARD)}))
 
@@ -106,6 +108,15 @@ def test_cli_reexecs_once_with_fast_blas(tmp_path):
     out, err = _run_cli(tmp_path)
     assert out["blas"] == FAST[1] and out["guard"] == "1"
     assert err.count(f"MLX CPU matmuls use {FAST[1]}") == 1
+    assert err.count("[gain_mlx] policy: cpu (MLX on cpu; float32 compute; MLX CPU matmuls use") == 1
+
+
+@needs_fast_blas
+def test_gpu_policy_never_preloads(tmp_path):
+    out, err = _run_cli(tmp_path, **{policy.ENV_POLICY: "gpu"})
+    assert out["blas"] is None and out["guard"] is None
+    assert err.strip().splitlines() == ["[gain_mlx] policy: gpu (GAIN_MLX_POLICY=gpu; MLX on cpu; "
+                                        "float16 compute; plain MLX path)"]
 
 
 @needs_fast_blas
@@ -118,11 +129,12 @@ def test_fast_blas_can_be_turned_off(tmp_path, args, env):
 
 @needs_fast_blas
 def test_library_call_never_replaces_the_process(monkeypatch):
+    monkeypatch.setenv(policy.ENV_POLICY, "cpu")
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.delenv(cpu.ENV_GUARD, raising=False)
     monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
     monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("ensure_fast_blas re-executed pytest"))
-    cpu.ensure_fast_blas()  # called from a test function, not from __main__
+    policy.start()  # called from a test function, not from __main__
 
 
 def _quantized(model):
@@ -189,7 +201,8 @@ def test_no_fast_blas_falls_back_with_one_clear_line(monkeypatch, tmp_path, caps
     monkeypatch.delenv(cpu.ENV_GUARD, raising=False)
     monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
     monkeypatch.setattr(cpu, "preloaded_blas", lambda: None)
+    monkeypatch.setenv(policy.ENV_POLICY, "cpu")
     assert cpu.find_fast_blas() is None
-    cpu.ensure_fast_blas()  # returns: nothing to preload, the process goes on
+    policy.start()  # returns: nothing to preload, the process goes on
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install mkl" in err[0], err
+    assert len(err) == 1 and err[0].startswith("[gain_mlx] policy: cpu (") and "pip install mkl" in err[0], err

@@ -203,7 +203,7 @@ def test_quantize_option_matches_mlx_quantization(tmp_path):
 def test_bfloat16_output(tmp_path):
     model = tiny_for_gguf("llama")
     path = write_gguf(tmp_path / "m.gguf", model)
-    out = convert_gguf(path, tmp_path / "bf16", dtype="bfloat16")
+    out = convert_gguf(path, tmp_path / "bf16", form="bfloat16")
     weights = mx.load(str(out / "model.safetensors"))
     assert {v.dtype for v in weights.values()} == {mx.bfloat16}
     reference = tiny_for_gguf("llama")
@@ -245,7 +245,7 @@ def test_cached_convert(tmp_path, monkeypatch, capsys):
     assert cached_convert(path) == first
     assert "using cached" in capsys.readouterr().err
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # not rebuilt
-    assert cached_convert(path, dtype="bfloat16") != first
+    assert cached_convert(path, form="bfloat16") != first
     os.utime(path, ns=(stamp + 10**9, stamp + 10**9))  # the file changed: a new conversion
     assert cached_convert(path) not in (first,)
     assert "converting" in capsys.readouterr().err

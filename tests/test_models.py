@@ -43,7 +43,8 @@ def test_model_path_verifies_the_checksum(tmp_path, monkeypatch, assembled):
 
 def test_short_name_resolves_as_model(tmp_path, monkeypatch):
     path = _fake_model(tmp_path, monkeypatch)
-    monkeypatch.setattr("gain_mlx.gguf.convert.cached_convert", lambda p: tmp_path / f"converted-{p.name}")
+    monkeypatch.setattr("gain_mlx.policy.gguf_form", lambda p: ("float32", "test"))
+    monkeypatch.setattr("gain_mlx.gguf.convert.cached_convert", lambda p, form: tmp_path / f"converted-{p.name}")
     assert loading.resolve_model("fake", verbose=False) == str(tmp_path / f"converted-{path.name}")
 
 

@@ -162,3 +162,22 @@ def test_evaluations_reuse_their_cpu_streams(tiny_model_dir, retain_file):
     for _ in range(3):
         evaluate_loss(model, retain, 4, 2, 128)
     assert len(os.listdir("/proc/self/task")) == threads
+
+
+def test_history_plot_draws_one_curve_per_set(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="history.png needs matplotlib")
+    import matplotlib.pyplot as plt
+
+    from gain_mlx.monitor import plot_history
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [{"step": s, "val_change": -0.1 * s, "general_change": 0.01 * s, "legal_change": 0.02 * s}
+            for s in (0, 5, 10)]
+    plot_history(rows, tmp_path / "h.png", {"legal": 3.0})
+    (fig,) = figures
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["validation", "general set", "legal set", "legal budget"]
+    assert (tmp_path / "h.png").stat().st_size > 1000
+    monkeypatch.undo()
+    plt.close(fig)

@@ -216,3 +216,37 @@ def test_seeds_probe_and_per_run_files(tmp_path, tiny_model_dir):
     args.report = True
     reported = sequential.run(args, log=lambda *a: None)
     assert reported["aggregate"] == again["aggregate"] and (out / "results.json").is_file()
+
+
+def test_sequential_equals_stages_run_by_hand(tmp_path, tiny_model_dir, monkeypatch):
+    """A sequential GAIN-FFN run and the same stages run one by one with
+    ``python -m gain_mlx.train --resume-adapter-file`` end with the same gains."""
+    from gain_mlx import adapter as A
+    from gain_mlx.train import main
+
+    args = _args(tmp_path, tiny_model_dir, "--methods", "gain-ffn", "--lr", "gain-ffn=3e-2", "--seeds", "5")
+    after = []
+    real = sequential.evaluate
+
+    def evaluate(model, domains, cfg, probe=None):
+        if A.gain_parameters(model):  # not the base model's evaluation
+            after.append({k: np.array(v) for k, v in A.gain_parameters(model).items()})
+        return real(model, domains, cfg, probe)
+
+    monkeypatch.setattr(sequential, "evaluate", evaluate)
+    sequential.run(args, log=lambda *a: None)
+    assert len(after) == 4  # control + three domains
+
+    previous = None
+    for i, name in enumerate(("control", "alpha", "beta", "gamma")):
+        out = tmp_path / f"by_hand_{i}"
+        main(["--model", str(tiny_model_dir), "--data", str(tmp_path / name), "--adapter-path", str(out),
+              "--learning-rate", "3e-2", "--iters", "3", "--batch-size", "2", "--max-seq-length", "48",
+              "--seed", str(5 + i), "--retain-data", "none", "--val-batches", "1", "--steps-per-eval", "3",
+              *(["--resume-adapter-file", str(previous)] if previous else [])])
+        _, gains = A.read_adapter(out)
+        assert set(gains) == set(after[i])
+        for k in gains:
+            np.testing.assert_allclose(gains[k], after[i][k], rtol=0, atol=1e-5, err_msg=f"stage {name}: {k}")
+        previous = out
+    assert max(np.abs(g - 1).max() for g in after[-1].values()) > 1e-2, "the gains should have moved"

@@ -22,7 +22,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import quantize_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gain_mlx import cpu  # noqa: E402
+from gain_mlx import cpu, policy  # noqa: E402
 from gain_mlx.adapter import apply_gains, load_adapter, read_adapter, targets_from_config  # noqa: E402
 from gain_mlx.fuse import fuse_model, summarize  # noqa: E402
 from gain_mlx.layers import GAIN_LAYERS  # noqa: E402
@@ -84,7 +84,7 @@ def main(argv=None):
     p.add_argument("--json", help="write the results here")
     cpu.add_fast_blas_argument(p)
     args = p.parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
 
     models = {kind: build(args, kind) for kind in ("base", "gained", "fused")}
     models["base2"] = models["base"]  # the same model timed twice: the noise floor

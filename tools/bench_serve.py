@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from gain_mlx import cpu  # noqa: E402
+from gain_mlx import cpu, policy  # noqa: E402
 SYNTHETIC = dict(
     model_type="llama", hidden_size=512, num_hidden_layers=8, intermediate_size=1408, num_attention_heads=8,
     num_key_value_heads=4, rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=4096,
@@ -339,7 +339,7 @@ def main(argv=None):
     p.add_argument("--compare", metavar="DIR", help="time the gain_mlx checkout DIR against this one, rounds interleaved")
     cpu.add_fast_blas_argument(p)
     args = p.parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_serve-"))
     if args.model is None:
         args.model = str(synthetic_model(work / "synthetic"))

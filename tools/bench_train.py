@@ -37,7 +37,7 @@ from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gain_mlx import cpu  # noqa: E402
+from gain_mlx import cpu, policy  # noqa: E402
 from gain_mlx.adapter import apply_gains  # noqa: E402
 from gain_mlx.arch import find_targets, get_arch, get_module, input_dims  # noqa: E402
 from gain_mlx.layers import GainLinear  # noqa: E402
@@ -354,7 +354,7 @@ class Run:
 def parallelism(spec, batch_size):
     """``(micro_batches, blas_threads)`` for a ``--micro-batches`` value (``auto`` as training)."""
     if spec == "auto":
-        return cpu.step_parallelism(batch_size)
+        return policy.step_parallelism(batch_size)
     n = int(spec)
     return (n, max(1, cpu.cpu_cores() // n)) if n > 1 else (1, None)
 
@@ -499,7 +499,7 @@ def main(argv=None):
     p.add_argument("--json", help="write {config: {step_s, peak_mem_gb, tokens_per_s, gflops, x_matmul, ...}}")
     cpu.add_fast_blas_argument(p)
     args = p.parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
 
     names = [n for n in args.configs.split(",") if n]
     if unknown := [n for n in names if n not in ADAPTERS]:
@@ -530,7 +530,7 @@ def main(argv=None):
         f"preset {args.preset}, batch {batch_size} x {seq_len}, {args.steps} timed steps "
         f"(median) after {args.warmup} warm-up, device {mx.default_device()}, "
         f"BLAS {cpu.preloaded_blas() or cpu.stock_blas() or 'platform'}, {cpu.cpu_cores()} cores, "
-        f"micro-batches {args.micro_batches} (auto: {cpu.step_parallelism(batch_size)[0]}), "
+        f"micro-batches {args.micro_batches} (auto: {policy.step_parallelism(batch_size)[0]}), "
         f"MLX_BFS_MAX_WIDTH={os.environ.get('MLX_BFS_MAX_WIDTH', 'unset (20)')}"
     )
     load = os.getloadavg()[0]

@@ -24,7 +24,7 @@ from mlx.utils import tree_unflatten
 from mlx_lm.utils import quantize_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gain_mlx import cpu  # noqa: E402
+from gain_mlx import cpu, policy  # noqa: E402
 from gain_mlx.adapter import apply_gains, gain_parameters  # noqa: E402
 from gain_mlx.arch import get_module  # noqa: E402
 from gain_mlx.fold import FoldStep  # noqa: E402
@@ -95,7 +95,7 @@ def main(argv=None):
     p.add_argument("--json")
     cpu.add_fast_blas_argument(p)
     args = p.parse_args(argv)
-    cpu.ensure_fast_blas(args.fast_blas)
+    policy.start(args.fast_blas)
 
     text = Path(__file__).read_text()
     rows = []

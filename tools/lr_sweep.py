@@ -14,7 +14,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx_lm.tuner.trainer import TrainingArgs
 
-from gain_mlx import adapter, cpu
+from gain_mlx import adapter, cpu, policy
 from gain_mlx.layers import GAIN_LAYERS
 from gain_mlx.loading import load_model
 from gain_mlx.train import _load_data, evaluate_loss, parse_args, train_gains
@@ -67,7 +67,7 @@ def main():
     p.add_argument("--json", help="write the results here")
     cpu.add_fast_blas_argument(p)
     a = p.parse_args()
-    cpu.ensure_fast_blas(a.fast_blas)
+    policy.start(a.fast_blas)
     args = parse_args(["--max-seq-length", str(a.max_seq_length)] + (["--data", a.data] if a.data else []))
     model, tokenizer, _ = load_model(a.model)
     train_set, valid_set, _ = _load_data(args, tokenizer)

@@ -10,16 +10,23 @@ from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
 import mlx.core as mx
+import numpy as np
 from gguf import GGUFReader
 
 from ..files import atomic_dir, remove, save_safetensors, temp_path
 from ..progress import progress
 from . import GGUFImportError
+from .affine import GROUP_SIZE
 from .config import arch_spec, gguf_config
 from .tokenizer import write_tokenizer_files
 from .weights import gguf_weights
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+# A conversion's form: a float copy in a dtype, or "quantized-<dtype>": ggml's quantized
+# matrices kept as MLX affine quantization (gguf/affine.py), scales, biases and float
+# tensors in that dtype (the compute dtype: MLX then makes no copies of the scales).
+FORMS = {**{name: (name, False) for name in DTYPES},
+         **{f"quantized-{name}": (name, True) for name in ("float16", "float32")}}
 MAX_SHARD_BYTES = 5 << 30  # as mlx-lm
 
 
@@ -37,6 +44,9 @@ def open_gguf(path) -> GGUFReader:
 def _to_mlx(dtype: str):
     def cast(w):
         a = mx.array(w).astype(DTYPES[dtype])
+        if dtype != "float32" and bool(mx.isinf(a).any()) and np.isfinite(w).all():
+            raise GGUFImportError(f"the GGUF holds values beyond {dtype}'s range; convert to float32 "
+                                  "(--dtype float32 / quantized-float32) instead")
         mx.eval(a)
         return a
 
@@ -88,32 +98,54 @@ def _write_shards(out_dir: Path, arrays) -> None:
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def check_form(form: str) -> None:
+    if form not in FORMS:
+        raise GGUFImportError(f"conversion form {form!r} is not one of {', '.join(FORMS)}")
+
+
 def write_model(
     reader: GGUFReader,
     out_dir: Path,
-    dtype: str = "float32",
+    form: str = "float32",
     q_bits: Optional[int] = None,
     q_group_size: int = 64,
 ) -> dict:
-    """Write config.json and the safetensors weights of ``reader`` into ``out_dir``."""
-    if dtype not in DTYPES:
-        raise GGUFImportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    """Write config.json and the safetensors weights of ``reader`` into ``out_dir``.
+
+    ``q_bits`` requantizes a float form's matrices (lossy); a ``quantized-*`` form keeps
+    the file's own quantization instead."""
+    check_form(form)
+    dtype, keep_quantization = FORMS[form]
+    if keep_quantization and q_bits:
+        raise GGUFImportError(f"form {form} keeps the GGUF's quantization: it cannot be requantized")
     config = gguf_config(reader)
-    weights = gguf_weights(reader, config, arch_spec(reader), cast=_to_mlx(dtype))
-    weights = progress(weights, total=len(weights), desc="Converting tensors", unit="tensor")
-    _write_shards(Path(out_dir), _quantized(weights, q_bits, q_group_size))
+    weights = gguf_weights(reader, config, arch_spec(reader), cast=_to_mlx(dtype), quantized=keep_quantization)
+    stream = progress(weights, total=len(weights), desc="Converting tensors", unit="tensor")
+    _write_shards(Path(out_dir), _quantized(stream, q_bits, q_group_size))
     if q_bits:
         quant = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
         config["quantization"] = config["quantization_config"] = quant
+    elif weights.quantization:
+        config["quantization"] = config["quantization_config"] = layer_quantization(weights.quantization)
     config["torch_dtype"] = dtype
     (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return config
+
+
+def layer_quantization(bits_by_path: dict) -> dict:
+    """mlx-lm's ``quantization`` config for per-layer bits at group size 32: the most
+    common bits as the default, and every quantized module by path."""
+    bits = max(set(bits_by_path.values()), key=list(bits_by_path.values()).count)
+    config = {"group_size": GROUP_SIZE, "bits": bits, "mode": "affine"}
+    for path, b in sorted(bits_by_path.items()):
+        config[path] = {"group_size": GROUP_SIZE, "bits": b, "mode": "affine"}
     return config
 
 
 def convert_gguf(
     gguf_path,
     out_dir,
-    dtype: str = "float32",
+    form: str = "float32",
     q_bits: Optional[int] = None,
     q_group_size: int = 64,
 ) -> Path:
@@ -128,7 +160,7 @@ def convert_gguf(
     reader = open_gguf(gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out_dir) as tmp:  # .tmp-<pid>-<name>, removed on errors and by later runs
-        write_model(reader, tmp, dtype, q_bits, q_group_size)
+        write_model(reader, tmp, form, q_bits, q_group_size)
         write_tokenizer_files(reader, tmp)
     return out_dir
 
@@ -138,7 +170,7 @@ def cache_root() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "gain_mlx") / "gguf"
 
 
-CONVERTER_SOURCES = ("config.py", "weights.py", "tokenizer.py", "convert.py")
+CONVERTER_SOURCES = ("affine.py", "config.py", "weights.py", "tokenizer.py", "convert.py")
 COMPLETE_FILE = ".gain_mlx-complete.json"  # written last: a cache folder without it is never used
 
 
@@ -150,13 +182,13 @@ def _converter_fingerprint() -> str:
     return hashlib.sha256(ident + versions.encode()).hexdigest()
 
 
-def cache_key(gguf_path, dtype: str) -> str:
-    """Folder name for a conversion: the file's resolved path, size, mtime and dtype
+def cache_key(gguf_path, form: str) -> str:
+    """Folder name for a conversion: the file's resolved path, size, mtime and form
     (and the converter's fingerprint)."""
     path = Path(gguf_path).resolve()
     st = path.stat()
-    ident = f"{path}|{st.st_size}|{st.st_mtime_ns}|{dtype}|{_converter_fingerprint()}"
-    return f"{path.stem}-{dtype}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+    ident = f"{path}|{st.st_size}|{st.st_mtime_ns}|{form}|{_converter_fingerprint()}"
+    return f"{path.stem}-{form}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
 def _complete(out: Path) -> bool:
@@ -183,8 +215,10 @@ def _cache_lock(lock_file: Path, gguf_path):
         yield
 
 
-def cached_convert(gguf_path, dtype: str = "float32") -> Path:
-    """Return an mlx-lm folder for ``gguf_path``, converting it only on first use.
+def cached_convert(gguf_path, form: str = "float32") -> Path:
+    """Return an mlx-lm folder for ``gguf_path`` in ``form`` (FORMS), converting it only
+    on first use. The cache keeps one conversion per file and form: converting anew
+    (the file or the converter changed) removes the older ones.
 
     A conversion is built in a temporary folder, marked complete (``COMPLETE_FILE``) and
     renamed into the cache in one step; only marked folders are served. A run killed
@@ -193,33 +227,58 @@ def cached_convert(gguf_path, dtype: str = "float32") -> Path:
     """
     if not Path(gguf_path).is_file():
         raise GGUFImportError(f"GGUF file not found: {gguf_path}")
+    check_form(form)
     root = cache_root()
-    key = cache_key(gguf_path, dtype)
+    key = cache_key(gguf_path, form)
     out = root / key
     if not _complete(out):
         (root / "locks").mkdir(parents=True, exist_ok=True)  # lock files stay: removing one races
         with _cache_lock(root / "locks" / f"{key}.lock", gguf_path):
             if not _complete(out):
-                _convert_into_cache(gguf_path, dtype, out)
+                _remove_stale(root, gguf_path, form, keep=key)
+                _convert_into_cache(gguf_path, form, out)
                 return out
     print(f"[gain_mlx] using cached conversion of {gguf_path}: {out}", file=sys.stderr)
     return out
 
 
-def _convert_into_cache(gguf_path, dtype: str, out: Path) -> None:
+def _record(folder: Path) -> dict:
+    try:
+        return json.loads((folder / COMPLETE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remove_stale(root: Path, gguf_path, form: str, keep: str) -> None:
+    """Remove the cached conversions that ``keep`` replaces (same file and form, older
+    file or converter), and those whose GGUF file is gone."""
+    source = str(Path(gguf_path).resolve())
+    for folder in sorted(root.iterdir()):
+        record = _record(folder)
+        if folder.name == keep or not record:
+            continue
+        replaced = record.get("gguf") == source and record.get("form", record.get("dtype")) == form
+        if replaced or not Path(record.get("gguf", "")).exists():
+            print(f"[gain_mlx] removing stale cached conversion {folder}", file=sys.stderr)
+            aside = temp_path(folder)
+            os.rename(folder, aside)
+            remove(aside)
+
+
+def _convert_into_cache(gguf_path, form: str, out: Path) -> None:
     if os.path.lexists(out):  # unmarked: left by an older version or put there by hand
         print(f"[gain_mlx] removing incomplete cached conversion {out}", file=sys.stderr)
         aside = temp_path(out)
         os.rename(out, aside)
         remove(aside)
-    print(f"[gain_mlx] converting {gguf_path} ({dtype}) -> {out}", file=sys.stderr)
+    print(f"[gain_mlx] converting {gguf_path} ({form}) -> {out}", file=sys.stderr)
     reader = open_gguf(gguf_path)
     st = Path(gguf_path).resolve().stat()
     record = {"gguf": str(Path(gguf_path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-              "dtype": dtype, "converter": _converter_fingerprint()}
+              "form": form, "converter": _converter_fingerprint()}
     try:
         with atomic_dir(out) as tmp:  # the marker is inside the folder when it is renamed in
-            write_model(reader, tmp, dtype)
+            write_model(reader, tmp, form)
             write_tokenizer_files(reader, tmp)
             (tmp / COMPLETE_FILE).write_text(json.dumps(record, indent=1) + "\n")
     except OSError:  # without a lock, another process may have published the same conversion

@@ -1,8 +1,10 @@
-"""GGUF tensors -> mlx-lm weights, streamed one tensor at a time."""
+"""GGUF tensors -> mlx-lm weights, streamed one tensor at a time: float arrays, or
+MLX affine quantized triples (``weight``, ``scales``, ``biases``) with ``quantized=True``."""
 
 import sys
 from typing import Any, Callable, Dict, Iterator, Tuple
 
+import mlx.core as mx
 import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
@@ -10,17 +12,20 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 
 from . import GGUFImportError
+from .affine import FLOAT_TYPES, GROUP_SIZE, mlx_bits, to_affine
 from .config import ArchSpec, Metadata
 from .names import name_map
 
 CHUNK_VALUES = 1 << 22
 
 
-def model_parameter_shapes(config: dict) -> Dict[str, Tuple[int, ...]]:
-    """Parameter names and shapes of the mlx-lm model for ``config`` (nothing is allocated)."""
+def model_parameter_shapes(config: dict) -> Tuple[Dict[str, Tuple[int, ...]], set]:
+    """Parameter names and shapes of the mlx-lm model for ``config``, and the paths of
+    its modules that MLX can quantize (nothing is allocated)."""
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
-    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    return shapes, {path for path, m in model.named_modules() if hasattr(m, "to_quantized")}
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -63,13 +68,18 @@ class gguf_weights:
     parameters before any tensor is read. ``len()`` is the number of pairs.
 
     ``cast`` runs inside the stream, so each float32 copy is freed before the
-    consumer sees the result.
+    consumer sees the result. With ``quantized``, every quantized ggml matrix of a
+    module MLX can quantize stays quantized (:mod:`.affine`): it yields its packed
+    ``weight`` as is, and ``scales`` / ``biases`` through ``cast``; ``quantization``
+    maps those module paths to their bits.
     """
 
-    def __init__(self, reader: GGUFReader, config: dict, spec: ArchSpec, cast: Callable = np.asarray):
+    def __init__(self, reader: GGUFReader, config: dict, spec: ArchSpec, cast: Callable = np.asarray,
+                 quantized: bool = False):
         check_types(reader)
         self.reader, self.config, self.spec, self.cast = reader, config, spec, cast
-        self.shapes = shapes = model_parameter_shapes(config)
+        shapes, quantizable = model_parameter_shapes(config)
+        self.shapes = shapes
         if "output.weight" not in {t.name for t in reader.tensors}:
             shapes.pop("lm_head.weight", None)  # tied: mlx-lm drops lm_head on load
         n_layers = config.get("num_hidden_layers") or config["n_layer"]
@@ -80,7 +90,7 @@ class gguf_weights:
                 continue
             shape = tuple(int(n) for n in reversed(t.shape.tolist()))
             if spec.tied_only and t.name == "output.weight":
-                self.plan.append((t, [], shape))  # checked against token_embd when read
+                self.plan.append((t, [], shape, False))  # checked against token_embd when read
                 continue
             pieces = _pieces(t.name, shape, names, shapes, spec)
             if pieces is None:
@@ -88,33 +98,62 @@ class gguf_weights:
                     f"GGUF tensor {t.name!r} has no counterpart in mlx-lm's "
                     f"{config['model_type']} model; this variant is not supported"
                 )
-            self.plan.append((t, pieces, shape))
-        missing = sorted(set(shapes) - {name for _, pieces, _ in self.plan for name, _ in pieces})
+            affine = quantized and _keeps_quantization(t, pieces, quantizable)
+            self.plan.append((t, pieces, shape, affine))
+        self.quantization = {
+            name[: -len(".weight")]: mlx_bits(t.tensor_type)
+            for t, pieces, _, affine in self.plan if affine for name, _ in pieces
+        }
+        missing = sorted(set(shapes) - {name for _, pieces, _, _ in self.plan for name, _ in pieces})
         if missing:
             raise GGUFImportError(f"GGUF file has no tensors for {', '.join(missing[:4])}")
 
     def __len__(self) -> int:
-        return sum(len(pieces) for _, pieces, _ in self.plan)
+        return sum(len(pieces) * (3 if affine else 1) for _, pieces, _, affine in self.plan)
 
     def __iter__(self) -> Iterator[Tuple[str, Any]]:
         spec, config = self.spec, self.config
         heads = {"attn_q": config.get("num_attention_heads"), "attn_k": config.get("num_key_value_heads")}
-        for t, pieces, shape in self.plan:
-            w = _dequantize(t, shape)
+        for t, pieces, shape, affine in self.plan:
+            # One array, or (weight, scales, biases): every step below moves whole rows.
+            arrays = to_affine(_raw_rows(t, shape), t.tensor_type, shape[-1]) if affine else (_dequantize(t, shape),)
             if not pieces:
-                _check_tied(w, self.reader, shape)
+                _check_tied(arrays[0], self.reader, shape)
                 continue
             kind = t.name.split(".")[-2]
             if spec.permute_qk and kind in heads:
-                w = unpermute_qk(w, heads[kind])
+                arrays = [unpermute_qk(a, heads[kind]) for a in arrays]
             if spec.qkv_per_head and kind == "attn_qkv":
-                w = per_head_qkv(w, config["num_attention_heads"])
+                arrays = [per_head_qkv(a, config["num_attention_heads"]) for a in arrays]
             if spec.norm_shift and t.name.endswith("norm.weight"):
-                w = w - np.float32(spec.norm_shift)
+                arrays = [arrays[0] - np.float32(spec.norm_shift)]
             for name, rows in pieces:
-                part = w if rows is None else w[rows]
-                yield name, self.cast(part.reshape(self.shapes[name]))
-            del w
+                parts = [a if rows is None else a[rows] for a in arrays]
+                if not affine:
+                    yield name, self.cast(parts[0].reshape(self.shapes[name]))
+                    continue
+                lead = self.shapes[name][:-1]
+                prefix = name[: -len("weight")]
+                yield name, mx.array(parts[0].reshape(*lead, -1))
+                yield prefix + "scales", self.cast(parts[1].reshape(*lead, -1))
+                yield prefix + "biases", self.cast(parts[2].reshape(*lead, -1))
+            del arrays
+
+
+def _keeps_quantization(t, pieces, quantizable) -> bool:
+    """A quantized ggml matrix whose every piece is the weight of a quantizable module."""
+    return (
+        t.tensor_type not in FLOAT_TYPES
+        and len(t.shape) >= 2
+        and int(t.shape[0]) % GROUP_SIZE == 0
+        and bool(pieces)
+        and all(name.endswith(".weight") and name[: -len(".weight")] in quantizable for name, _ in pieces)
+    )
+
+
+def _raw_rows(t, shape) -> np.ndarray:
+    """A quantized tensor's bytes, one row of blocks per output row: ``(*shape[:-1], bytes)``."""
+    return t.data.reshape(*shape[:-1], -1)
 
 
 SKIPPED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
