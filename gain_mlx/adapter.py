@@ -212,6 +212,16 @@ def targets_from_config(config: dict) -> list:
 
 def check_base(model, config: dict, source: str = "adapter") -> None:
     """Raise ``AdapterError`` if ``model`` is not the base the adapter was trained on."""
+    missing = [k for k in ("model_type", "targets", "fingerprint") if k not in config]
+    if missing:
+        raise AdapterError(f"{source}: its {CONFIG_FILE} has no '{missing[0]}': re-save the adapter")
+    try:
+        targets = targets_from_config(config)
+    except (TypeError, ValueError):
+        raise AdapterError(f"{source}: its {CONFIG_FILE} lists malformed targets: re-save the adapter") from None
+    for t in targets:
+        if get_module(model, t.path) is None:
+            raise AdapterError(f"{source}: the base has no layer {t.path}: pass the --model it was trained on")
     if config["model_type"] != model.model_type:
         raise AdapterError(
             f"{source} was trained on a '{config['model_type']}' model, this base is "

@@ -62,6 +62,10 @@ def setup(args):
         raise UsageError("--max-tokens must be >= 0")
     if not 0 < args.top_p <= 1:
         raise UsageError("--top-p must be in (0, 1]")
+    if not 0 <= args.temp < float("inf"):
+        raise UsageError("--temp must be a number >= 0 (0: greedy)")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise UsageError("--seed must be in 0 .. 2**64 - 1")
     if args.seed is not None:
         mx.random.seed(args.seed)
     model, tokenizer = load(args.model, args.adapter_path)
@@ -77,7 +81,10 @@ def main(argv=None):
     from mlx_lm import generate
 
     model, tokenizer, sampler = setup(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        prompt = sys.stdin.buffer.read().decode("utf-8") if args.prompt == "-" else args.prompt
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt -: stdin is not UTF-8 text (byte {e.start})") from None
     ids = build_prompt(tokenizer, prompt, args.system_prompt, args.ignore_chat_template)
     print(generate(model, tokenizer, ids, max_tokens=args.max_tokens, sampler=sampler))
 

@@ -41,7 +41,10 @@ class MultiGainLinear(nn.Module):
 
 
 def full_gain(stored: np.ndarray, in_dim: int) -> np.ndarray:
-    """A stored gain (``(in,)`` or KV-tied ``(n_kv, head_dim)``) as applied to the inputs."""
+    """A stored gain (``(in,)`` or KV-tied ``(n_kv, head_dim)``) as applied to the inputs;
+    ``ValueError`` when its shape cannot be the gain of an ``in_dim`` input."""
+    if stored.ndim not in (1, 2) or stored.size == 0 or in_dim % stored.size or (stored.ndim == 1 and stored.size != in_dim):
+        raise ValueError(f"gain of shape {tuple(stored.shape)} does not fit an input of {in_dim}")
     if stored.ndim == 2:
         stored = np.repeat(stored, in_dim // stored.size, axis=0)
     return stored.reshape(-1).astype(np.float32)
@@ -54,11 +57,16 @@ def read_checked(model, adapter_path, source=None) -> dict:
     out = {}
     for t in targets_from_config(config):
         layer = get_module(model, t.path)
+        if layer is None:
+            raise AdapterError(f"adapter {adapter_path}: the base has no layer {t.path}: re-save the adapter")
         if hasattr(layer, "num_experts"):
             raise AdapterError(f"adapter {adapter_path}: per-sequence gains do not cover expert layers yet; fuse it instead")
         if t.path not in gains:
             raise AdapterError(f"adapter {adapter_path} has no gain for {t.path}: re-save the adapter")
-        out[t.path] = full_gain(gains[t.path], input_dims(layer))
+        try:
+            out[t.path] = full_gain(gains[t.path], input_dims(layer))
+        except ValueError as e:
+            raise AdapterError(f"adapter {adapter_path}: {t.path}: {e}: re-save the adapter") from None
     return out
 
 
@@ -80,17 +88,18 @@ class AdapterSet:
         if not name or name in self.adapters:
             raise AdapterError(f"adapter name '{name}' is empty or already loaded: choose another name")
         self._unwrap(keep=())  # check against the plain base; _rebuild wraps again
-        try:
-            gains = read_checked(self.model, adapter_path, source)
+        adapters, names = dict(self.adapters), list(self.names)
+        try:  # all or nothing: any failure leaves the set exactly as it was
+            self.adapters[name] = read_checked(self.model, adapter_path, source)
+            if None in self.names:
+                self.names[self.names.index(None)] = name
+            else:
+                self.names.append(name)
+            self._rebuild()
         except BaseException:
+            self.adapters, self.names = adapters, names
             self._rebuild()
             raise
-        self.adapters[name] = gains
-        if None in self.names:
-            self.names[self.names.index(None)] = name
-        else:
-            self.names.append(name)
-        self._rebuild()
 
     def remove(self, name: str):
         if name not in self.adapters:

@@ -37,12 +37,40 @@ def _context(item) -> str:
     return f"Word: {item['word']}\nDefinition:"
 
 
+def read_questions(path: Path) -> list:
+    """The questions of a probe .jsonl, each checked: ``word`` (text), ``choices`` (2+
+    texts) and ``answer`` (an index into them); a ``UserError`` names the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"probe {path}: not UTF-8 text: make it with {PROBE_HINT}") from None
+    items = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"probe {path} line {n}: not JSON ({e.msg}): make it with {PROBE_HINT}") from None
+        ok = (isinstance(item, dict) and isinstance(item.get("word"), str) and isinstance(item.get("choices"), list)
+              and len(item["choices"]) >= 2 and all(isinstance(c, str) for c in item["choices"])
+              and isinstance(item.get("answer"), int) and not isinstance(item["answer"], bool)
+              and 0 <= item["answer"] < len(item["choices"]))
+        if not ok:
+            raise UserError(f"probe {path} line {n}: expected {{\"word\": text, \"choices\": [2+ texts], \"answer\": index}}: "
+                            f"make it with {PROBE_HINT}")
+        items.append(item)
+    if not items:
+        raise UserError(f"probe {path} holds no questions: make it with {PROBE_HINT}")
+    return items
+
+
 def load_probe(path, tokenizer, limit=None) -> Probe:
     """The first ``limit`` questions of a probe file, tokenized once."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"probe {path} not found: make it with {PROBE_HINT}")
-    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:limit]
+    items = read_questions(path)[:limit]
     contexts, choices = [], []
     for item in items:
         ctx = tokenizer.encode(_context(item))

@@ -555,8 +555,11 @@ def load_runs(folders, identity, log=print) -> list:
     runs, seen = [], set()
     for folder in folders:
         for path in sorted((Path(folder) / "runs").glob("*.json")):
-            saved = json.loads(path.read_text())
-            key = (saved["run"]["method"], saved["run"]["lr"], saved["run"].get("seed", 0))
+            try:
+                saved = json.loads(path.read_text())
+                key = (saved["run"]["method"], saved["run"]["lr"], saved["run"].get("seed", 0))
+            except (ValueError, KeyError, TypeError, AttributeError):  # ValueError covers bad JSON and UTF-8
+                raise UserError(f"run file {path} is damaged: delete it (that run is redone by running without --report)") from None
             if saved.get("identity") != identity:
                 log(f"Not reusing {path}: it was made with other settings")
             elif key not in seen:
@@ -574,10 +577,13 @@ def report(out: Path, results, cfg, log=print) -> dict:
     """``--report``: results.json/.md and plots from the finished runs alone (no model loaded)."""
     identity = _identity(results)
     results["sweep"] = load_runs([out] + list(cfg.combine or []), identity, log)
-    cached = json.loads((out / "base.json").read_text()) if (out / "base.json").is_file() else {}
-    if not results["sweep"] or cached.get("identity") != identity:
-        raise ValueError(f"{out}: no finished runs with these settings to report (run without --report first)")
-    results["base_ppl"], results["probe_base"] = cached["base_ppl"], cached["probe_base"]
+    try:
+        cached = json.loads((out / "base.json").read_text()) if (out / "base.json").is_file() else {}
+        if not results["sweep"] or cached.get("identity") != identity:
+            raise ValueError(f"{out}: no finished runs with these settings to report (run without --report first)")
+        results["base_ppl"], results["probe_base"] = cached["base_ppl"], cached["probe_base"]
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{out / 'base.json'} is damaged: delete it (it is remade by running without --report)") from None
     results = publish(out, results, log)
     log(f"Reported {len(results['sweep'])} runs from {out}")
     return results

@@ -17,7 +17,10 @@ import argparse
 import hmac
 import json
 import logging
+import math
 import queue
+import select
+import socket
 import sys
 import threading
 import time
@@ -35,7 +38,15 @@ log = logging.getLogger("gain_mlx.serve")
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_PROMPT_TOKENS = 32768
 MAX_BODY_BYTES = 16 << 20
+MAX_PROMPTS = 256  # prompts in one completions request
+MAX_LOGIT_BIAS = 1024  # entries in one logit_bias
+MAX_SEED = 2**64 - 1  # mx.random.seed's range
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_MAX_QUEUE = 512  # sequences in flight or waiting
+DEFAULT_TIMEOUT = 60.0  # seconds a connection may stay idle or half-sent
+LISTEN_BACKLOG = 512
 BASE_ALIASES = ("default_model", "base")
+RUNTIME_ADAPTERS = ("off", "adapter-dir", "any")
 
 
 class APIError(Exception):
@@ -149,9 +160,11 @@ class Job:
     prompt: list
     adapter: Optional[str]
     params: Params
+    score: bool = False  # echo with logprobs: log-probabilities of the prompt's tokens too
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
     uid: Optional[int] = None
+    prompt_logprobs: Optional[list] = None  # [(logprob, top)] for prompt tokens 1..n-1, set by the worker
 
 
 class Engine:
@@ -163,8 +176,11 @@ class Engine:
     """
 
     def __init__(self, model_spec=None, adapters=(), *, decode_concurrency=32, prompt_concurrency=8,
-                 prefill_step_size=2048, max_prompt_tokens=None, base_name=None):
+                 prefill_step_size=2048, max_prompt_tokens=None, base_name=None, max_queue=DEFAULT_MAX_QUEUE):
         self.model_spec = model_spec
+        self.max_queue = max_queue
+        self._queued = 0  # sequences held by requests now (see slots)
+        self.restarts = 0
         self.decode_concurrency = decode_concurrency
         self.prompt_concurrency = prompt_concurrency
         self.prefill_step_size = prefill_step_size
@@ -191,6 +207,24 @@ class Engine:
             if name is not None:
                 return dict(self._info[name]) if name in self._info and name not in self._removing else None
             return [dict(v) for k, v in self._info.items() if k not in self._removing]
+
+    def slots(self, n: int):
+        """A context holding ``n`` sequences of the bounded queue; 429 when it is full."""
+        engine = self
+
+        class _Slots:
+            def __enter__(self):
+                with engine._lock:
+                    if engine._queued + n > engine.max_queue:
+                        raise APIError(429, f"the server holds {engine._queued} sequences (at most {engine.max_queue}): retry later",
+                                       type_="server_error", code="queue_full")
+                    engine._queued += n
+
+            def __exit__(self, *exc):
+                with engine._lock:
+                    engine._queued -= n
+
+        return _Slots()
 
     def submit(self, job: Job) -> Job:
         if job.adapter is not None and job.adapter not in self.adapter_names():
@@ -241,12 +275,34 @@ class Engine:
     # -- the worker thread
 
     def _run(self):
+        """The supervisor: runs the worker loop, and when it dies fails the requests it held
+        at once and starts it again (gives up after 5 deaths within a minute)."""
+        deaths = []
         try:
-            self._loop()
-        except BaseException as e:  # never leave a request waiting forever
-            log.exception("generation worker died")
-            self.failed = f"{type(e).__name__}: {e}"
-            self._fail_all(APIError(500, f"the generation worker stopped: {self.failed}", type_="server_error"))
+            while not self._stop:
+                try:
+                    self._loop()
+                except BaseException as e:  # never leave a request waiting forever
+                    log.exception("generation worker died; restarting it")
+                    why = f"{type(e).__name__}: {e}"
+                    error = APIError(500, f"the generation worker failed ({why}) and was restarted", type_="server_error")
+                    self._fail_all(error)
+                    _reset_random_state()
+                    kind, payload = getattr(self, "_current", None) or (None, None)
+                    self._current = None
+                    if kind == "submit":
+                        payload.events.put(Event(error=error))
+                    elif kind == "add":
+                        payload[1].put((False, error))
+                    elif kind == "remove":
+                        self._pending_removals.append(payload)  # still to do
+                    self._generator = None
+                    self.restarts += 1
+                    now = time.monotonic()
+                    deaths = [t for t in deaths if now - t < 60] + [now]
+                    if len(deaths) > 5:
+                        self.failed = why
+                        break
         finally:
             # Lazy arrays made on this thread's stream must die on this thread: MLX
             # aborts the process if they outlive it.
@@ -266,6 +322,9 @@ class Engine:
 
         self.model, self.tokenizer = load(self.model_spec, None)
         mx.eval(self.model.parameters())
+        self.vocab_size = _vocab_size(self.model, self.tokenizer)  # rows of the logits
+        # prompt ids must index both the embedding and the detokenizer's table
+        self.token_limit = min(self.vocab_size, len(getattr(self.tokenizer, "_tokenizer", self.tokenizer)))
         self.adapters = AdapterSet(self.model)
         self.base_name = base_name or _base_name(self.model_spec)
         self.context_length = _context_length(self.model)
@@ -303,8 +362,8 @@ class Engine:
 
         _check_name(name, self.base_name)
         path = resolve_adapter(spec)
-        self.adapters.add(name, path, source=f"adapter '{name}' ({spec})")
         config, _ = read_adapter(path)
+        self.adapters.add(name, path, source=f"adapter '{name}' ({spec})")
         info = {
             "id": name,
             "object": "adapter",
@@ -332,7 +391,9 @@ class Engine:
             except queue.Empty:
                 kind = None
             while kind is not None:
+                self._current = (kind, payload)  # failed by the supervisor if the worker dies here
                 self._handle(kind, payload)
+                self._current = None
                 try:
                     kind, payload = self._commands.get_nowait()
                 except queue.Empty:
@@ -346,6 +407,7 @@ class Engine:
             except Exception as e:  # one bad batch fails its requests, not the server
                 log.exception("generation step failed")
                 self._fail_all(APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error"))
+                _reset_random_state()
                 self._generator = self._new_generator()
                 continue
             for r in responses:
@@ -364,7 +426,11 @@ class Engine:
 
     def _handle(self, kind, payload):
         if kind == "submit":
-            self._admit(payload)
+            try:
+                self._admit(payload)
+            except Exception as e:  # this request fails alone
+                log.exception("admitting a request failed")
+                payload.events.put(Event(error=APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error")))
         elif kind == "cancel":
             job = payload
             if job.uid is not None and job.uid in self._jobs:
@@ -379,6 +445,9 @@ class Engine:
             except (UserError, ValueError, OSError) as e:
                 code = 409 if "already loaded" in str(e) else 400
                 reply.put((False, APIError(code, str(e), param="path" if code == 400 else "name", code="invalid_adapter")))
+            except Exception as e:  # the set is as it was; the worker goes on
+                log.exception("adding an adapter failed")
+                reply.put((False, APIError(400, f"adapter '{name}' could not be loaded: {type(e).__name__}: {e}", param="path", code="invalid_adapter")))
         elif kind == "remove":
             self._pending_removals.append(payload)
 
@@ -395,6 +464,11 @@ class Engine:
         import mlx.core as mx
 
         p = job.params
+        if job.score:
+            job.prompt_logprobs = self._score(job.prompt, self.adapters.row(job.adapter), p.top_logprobs)
+        if p.max_tokens == 0:  # echo only
+            job.events.put(Event(finish_reason="length"))
+            return
         if p.seed is not None:
             mx.random.seed(p.seed)
         cache = make_prompt_cache(self.model) + [_Rows([self.adapters.row(job.adapter)])]
@@ -411,6 +485,31 @@ class Engine:
         job.uid = uid
         self._jobs[uid] = job
         self._active[job.adapter] = self._active.get(job.adapter, 0) + 1
+
+    def _score(self, prompt, row, k):
+        """``[(logprob, top k)]`` of prompt tokens 1..n-1 under stack row ``row``: one
+        forward pass over the prompt, log-softmax at each position."""
+        import mlx.core as mx
+
+        if len(prompt) < 2:
+            return []
+        self.adapters.select([row])
+        try:
+            logits = self.model(mx.array(prompt)[None])[0, :-1].astype(mx.float32)
+        finally:
+            self.adapters.select(None)
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        chosen = mx.take_along_axis(lp, mx.array(prompt[1:])[:, None], axis=-1)[:, 0]
+        if k:
+            idx = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
+            vals = mx.take_along_axis(lp, idx, axis=-1)
+            order = mx.argsort(-vals, axis=-1)
+            idx, vals = mx.take_along_axis(idx, order, axis=-1), mx.take_along_axis(vals, order, axis=-1)
+            mx.eval(chosen, idx, vals)
+            tops = [tuple(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        else:
+            tops = [()] * (len(prompt) - 1)
+        return list(zip(chosen.tolist(), tops))
 
     def _finish(self, uid):
         job = self._jobs.pop(uid)
@@ -450,6 +549,16 @@ class Engine:
             self._active.clear()
 
 
+def _reset_random_state():
+    """A fresh random state: an exception inside mlx-lm's compiled sampling leaves
+    ``mx.random.state`` a traced placeholder, and every later sampled request would fail."""
+    import os
+
+    import mlx.core as mx
+
+    mx.random.seed(int.from_bytes(os.urandom(8), "little"))
+
+
 def _logits_processors(p: Params):
     from mlx_lm.sample_utils import make_logits_processors
 
@@ -468,6 +577,12 @@ def _top_logprobs(logprobs, n):
     vals = logprobs[idx]
     order = mx.argsort(-vals)
     return tuple(zip(idx[order].tolist(), vals[order].tolist()))
+
+
+def _vocab_size(model, tokenizer):
+    args = getattr(model, "args", None)
+    value = getattr(args, "vocab_size", None)
+    return value if isinstance(value, int) and value > 0 else len(getattr(tokenizer, "_tokenizer", tokenizer))
 
 
 def _context_length(model):
@@ -511,6 +626,8 @@ def _get(body, name, types, default=_MISSING, lo=None, hi=None, nullable=True):
     if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         names = " or ".join({int: "integer", float: "number", str: "string", bool: "boolean", list: "array", dict: "object"}[t] for t in types)
         raise APIError(400, f"'{name}' must be {'an' if names[0] in 'aeiou' else 'a'} {names}, got {json.dumps(value)[:60]}", param=name, code="invalid_type")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise APIError(400, f"'{name}' must be a finite number, got {value}", param=name, code="invalid_value")
     if lo is not None and value < lo:
         raise APIError(400, f"'{name}' must be >= {lo}, got {value}", param=name, code="invalid_value")
     if hi is not None and value > hi:
@@ -518,10 +635,39 @@ def _get(body, name, types, default=_MISSING, lo=None, hi=None, nullable=True):
     return value
 
 
-def parse_params(body: dict, default_max_tokens: int, chat: bool) -> Params:
+# The fields each endpoint implements; any other field is refused by name, never ignored.
+_COMMON_FIELDS = {
+    "model", "adapters", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logit_bias",
+    "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "stop", "stream",
+    "stream_options", "n", "user", "ignore_eos",
+}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+
+
+def check_fields(body: dict, known) -> None:
+    """Refuse fields this server does not implement (and no-op values of OpenAI's)."""
+    for name in body:
+        if name not in known:
+            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+    if _get(body, "best_of", int, 1) != 1:
+        raise APIError(400, "'best_of' is not supported by this server (only 1)", param="best_of", code="unsupported_parameter")
+    if _get(body, "suffix", str, ""):
+        raise APIError(400, "'suffix' is not supported by this server", param="suffix", code="unsupported_parameter")
+    _get(body, "user", str, None)
+    opts = _get(body, "stream_options", dict, {})
+    for k in opts:
+        if k != "include_usage":
+            raise APIError(400, f"'stream_options.{k}' is not supported by this server", param="stream_options", code="unsupported_parameter")
+    _get(opts, "include_usage", bool, False)
+
+
+def parse_params(body: dict, default_max_tokens: int, chat: bool, vocab_size: int = None) -> Params:
+    """A request's sampling fields, each checked for type, range and finiteness
+    (``max_tokens`` 0 passes here: only an echo may use it)."""
     max_tokens = _get(body, "max_completion_tokens", int, None, lo=1) if chat else None
     if max_tokens is None:
-        max_tokens = _get(body, "max_tokens", int, default_max_tokens, lo=1)
+        max_tokens = _get(body, "max_tokens", int, default_max_tokens, lo=0 if not chat else 1)
     n = _get(body, "n", int, 1)
     if n != 1:
         raise APIError(400, "only n=1 is supported: send one request per completion", param="n", code="invalid_value")
@@ -529,20 +675,17 @@ def parse_params(body: dict, default_max_tokens: int, chat: bool) -> Params:
         max_tokens=max_tokens,
         temperature=float(_get(body, "temperature", (int, float), 0.0, lo=0, hi=2)),
         top_p=float(_get(body, "top_p", (int, float), 1.0, lo=0, hi=1)),
-        top_k=_get(body, "top_k", int, 0, lo=0),
+        top_k=_get(body, "top_k", int, 0, lo=0, hi=vocab_size) % (vocab_size or 2**62),  # the whole vocabulary: no top-k
         min_p=float(_get(body, "min_p", (int, float), 0.0, lo=0, hi=1)),
-        seed=_get(body, "seed", int, None),
-        repetition_penalty=float(_get(body, "repetition_penalty", (int, float), 0.0, lo=0)),
+        seed=_get(body, "seed", int, None, lo=0, hi=MAX_SEED),
+        repetition_penalty=float(_get(body, "repetition_penalty", (int, float), 0.0, lo=0, hi=10)),
         presence_penalty=float(_get(body, "presence_penalty", (int, float), 0.0, lo=-2, hi=2)),
         frequency_penalty=float(_get(body, "frequency_penalty", (int, float), 0.0, lo=-2, hi=2)),
         ignore_eos=_get(body, "ignore_eos", bool, False),
     )
     bias = _get(body, "logit_bias", dict, None)
     if bias:
-        try:
-            p.logit_bias = {int(k): float(v) for k, v in bias.items()}
-        except (TypeError, ValueError):
-            raise APIError(400, "'logit_bias' must map token ids to numbers", param="logit_bias", code="invalid_value") from None
+        p.logit_bias = parse_logit_bias(bias, vocab_size)
     if chat:
         p.logprobs = _get(body, "logprobs", bool, False)
         p.top_logprobs = _get(body, "top_logprobs", int, 0, lo=0, hi=20)
@@ -550,6 +693,20 @@ def parse_params(body: dict, default_max_tokens: int, chat: bool) -> Params:
         k = _get(body, "logprobs", int, None, lo=0, hi=20)
         p.logprobs, p.top_logprobs = k is not None, k or 0
     return p
+
+
+def parse_logit_bias(bias: dict, vocab_size: int = None) -> dict:
+    """``{"token id": bias}`` -> ``{id: bias}``: ids within the vocabulary, biases in [-100, 100]."""
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise APIError(400, f"'logit_bias' has {len(bias)} entries (at most {MAX_LOGIT_BIAS})", param="logit_bias", code="invalid_value")
+    out = {}
+    for k, v in bias.items():
+        if not (k.isascii() and k.isdigit()) or (vocab_size is not None and int(k) >= vocab_size):
+            raise APIError(400, f"'logit_bias' key {k[:40]!r} is not a token id in [0, {vocab_size})", param="logit_bias", code="invalid_value")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not -100 <= v <= 100:
+            raise APIError(400, f"'logit_bias' values must be numbers in [-100, 100], got {json.dumps(v)[:40]}", param="logit_bias", code="invalid_value")
+        out[int(k)] = float(v)
+    return out
 
 
 def parse_stop(body) -> list:
@@ -597,19 +754,47 @@ def chat_prompt(tokenizer, messages) -> list:
     return tokenizer.encode(convert_chat(messages))
 
 
-def text_prompt(tokenizer, prompt) -> list:
-    """Token ids of a completions prompt (a string or token ids), as mlx_lm.generate encodes it."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        bos = getattr(tokenizer, "bos_token", None)
-        return tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        vocab = getattr(tokenizer, "vocab_size", None) or len(tokenizer)
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise APIError(400, f"'prompt' token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
-        return list(prompt)
-    raise APIError(400, "'prompt' must be a string, an array of one string or an array of token ids", param="prompt", code="invalid_type")
+def _is_ids(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def text_prompts(tokenizer, prompt, token_limit=None) -> list:
+    """Token ids of each completions prompt, as OpenAI's legacy API takes them: a string,
+    an array of strings, an array of token ids, or an array of arrays of token ids.
+    Strings are encoded as mlx_lm.generate does; token ids are used as given."""
+    if isinstance(prompt, str) or _is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt) or all(_is_ids(p) for p in prompt)):
+        prompts = prompt
+    else:
+        raise APIError(400, "'prompt' must be a string, an array of strings, an array of token ids or an array of arrays of token ids",
+                       param="prompt", code="invalid_type" if not isinstance(prompt, list) or prompt else "invalid_value")
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"'prompt' holds {len(prompts)} prompts (at most {MAX_PROMPTS} in one request)", param="prompt", code="invalid_value")
+    limit = token_limit or getattr(tokenizer, "vocab_size", None) or len(tokenizer)
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            bos = getattr(tokenizer, "bos_token", None)
+            out.append(list(tokenizer.encode(p, add_special_tokens=bos is None or not p.startswith(bos))))
+        elif any(t < 0 or t >= limit for t in p):
+            raise APIError(400, f"'prompt' token ids must be in [0, {limit})", param="prompt", code="invalid_value")
+        else:
+            out.append(list(p))
+    return out
+
+
+def token_texts(tokenizer, ids) -> list:
+    """The text each token adds to the decoded text (so that they join to it exactly)."""
+    detok = tokenizer.detokenizer
+    out = []
+    for t in ids:
+        detok.add_token(t)
+        out.append(detok.last_segment)
+    detok.finalize()
+    if out:
+        out[-1] += detok.last_segment
+    return out
 
 
 # ---------------------------------------------------------------- text out
@@ -644,16 +829,33 @@ class TextStream:
         return out, False
 
 
-def run_job(engine: Engine, job: Job, stop: list, timeout: float = 600):
-    """Yields ``(text, token, logprob, top, finish_reason)`` as the job's tokens arrive."""
+class ClientGone(ConnectionError):
+    """The client closed its connection: its generation is cancelled."""
+
+
+def run_job(engine: Engine, job: Job, stop: list, timeout: float = 600, gone=None, keep_eos=False):
+    """Yields ``(text, token, logprob, top, finish_reason)`` as the job's tokens arrive.
+    ``gone()`` is polled a few times a second: when true the job is cancelled. The
+    end-of-sequence token is yielded (with no text) only when ``keep_eos``."""
     text = TextStream(engine.tokenizer, stop)
     eos = engine.tokenizer.eos_token_ids
+    deadline = time.monotonic() + timeout
+    next_check = 0.0
     while True:
+        now = time.monotonic()
+        if gone is not None and now >= next_check:
+            next_check = now + 0.2
+            if gone():
+                engine.cancel(job)
+                raise ClientGone("the client went away")
         try:
-            ev = job.events.get(timeout=timeout)
+            ev = job.events.get(timeout=0.2 if gone is not None else max(deadline - now, 0))
         except queue.Empty:
+            if time.monotonic() < deadline:
+                continue
             engine.cancel(job)
             raise APIError(504, f"no token within {timeout} s", type_="server_error") from None
+        deadline = time.monotonic() + timeout
         if ev.error is not None:
             raise ev.error
         is_eos = ev.finish_reason == "stop" and ev.token in eos
@@ -663,7 +865,7 @@ def run_job(engine: Engine, job: Job, stop: list, timeout: float = 600):
             yield chunk, ev.token, ev.logprob, ev.top, "stop"
             return
         if is_eos:
-            yield chunk, None, None, (), "stop"
+            yield (chunk, ev.token, ev.logprob, ev.top, "stop") if keep_eos else (chunk, None, None, (), "stop")
             return
         yield chunk, ev.token, ev.logprob, ev.top, ev.finish_reason
         if ev.finish_reason is not None:
@@ -678,6 +880,9 @@ class Handler(BaseHTTPRequestHandler):
     engine: Engine = None
     api_key: Optional[str] = None
     default_max_tokens = DEFAULT_MAX_TOKENS
+    timeout = DEFAULT_TIMEOUT  # idle, half-open and slow connections are closed after this
+    runtime_adapters = "any"  # what POST /v1/adapters may load: see RUNTIME_ADAPTERS
+    adapter_root: Optional[Path] = None
 
     def log_message(self, fmt, *args):
         log.info("%s - %s", self.address_string(), fmt % args)
@@ -696,14 +901,25 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send_error(self, e: APIError):
         headers = [("WWW-Authenticate", "Bearer")] if e.status == 401 else []
+        if e.status in (429, 503):
+            headers.append(("Retry-After", "1"))
         self._send_json(e.status, e.body(), headers)
+
+    def _client_gone(self) -> bool:
+        """True once the client closed its end (checked without reading its data)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _dispatch(self, method):
         try:
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
             if path == "/health":
                 e = self.engine
-                return self._send_json(200 if e.failed is None else 503, {"status": "ok" if e.failed is None else "failed", **e.stats})
+                return self._send_json(200 if e.failed is None else 503,
+                                       {"status": "ok" if e.failed is None else "failed", "restarts": e.restarts, **e.stats})
             self._check_key()
             route = self._route(method, path)
             if route is None:
@@ -711,8 +927,14 @@ class Handler(BaseHTTPRequestHandler):
             route()
         except APIError as e:
             self._send_error(e)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except TimeoutError:  # a half-sent request: say so if the client still listens
+            self.close_connection = True
+            try:
+                self._send_error(APIError(408, f"the request was not received within {self.timeout:g} s", code="request_timeout"))
+            except OSError:
+                pass
+        except ConnectionError:  # the client went away (its generation was cancelled)
+            self.close_connection = True
         except Exception as e:  # a bug answers 500 and the server keeps serving
             log.exception("request failed")
             try:
@@ -751,7 +973,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         auth = self.headers.get("Authorization", "")
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+        if not hmac.compare_digest(token.encode("utf-8", "replace"), self.api_key.encode()):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
     def _body(self) -> dict:
@@ -767,13 +989,9 @@ class Handler(BaseHTTPRequestHandler):
         if length < 0 or length > MAX_BODY_BYTES:
             raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
         raw = self.rfile.read(length)
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object", code="invalid_json")
-        return body
+        if len(raw) < length:
+            raise ConnectionResetError("the client closed before sending its body")
+        return parse_body(raw)
 
     # -- models and adapters
 
@@ -811,8 +1029,27 @@ class Handler(BaseHTTPRequestHandler):
         body = self._body()
         name = _get(body, "name", str)
         path = _get(body, "path", str)
+        for key in body:
+            if key not in ("name", "path"):
+                raise APIError(400, f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
         _check_name(name, self.engine.base_name)
-        self._send_json(201, self.engine.add_adapter(name, path))
+        self._send_json(201, self.engine.add_adapter(name, self._allowed_adapter_path(path)))
+
+    def _allowed_adapter_path(self, path: str) -> str:
+        """The folder ``path`` may name under the server's ``runtime_adapters`` policy."""
+        if not path or "\x00" in path or len(path) > 4096:
+            raise APIError(400, "'path' must be a non-empty folder path without NUL bytes", param="path", code="invalid_value")
+        if self.runtime_adapters == "any":
+            return path
+        if self.runtime_adapters == "off" or self.adapter_root is None:
+            raise APIError(403, "loading adapters at run time is off on this server (start it with --adapter-dir, or --runtime-adapters any)",
+                           param="path", code="runtime_adapters_off")
+        root = self.adapter_root.resolve()
+        target = (root / path).resolve()
+        if target == root or root not in target.parents:
+            raise APIError(403, "this server loads adapters only from folders below its --adapter-dir: give a subfolder's name",
+                           param="path", code="path_not_allowed")
+        return str(target)
 
     def _remove_adapter(self, name=None):
         if name is None:
@@ -834,10 +1071,13 @@ class Handler(BaseHTTPRequestHandler):
             return by_model
         names = e.adapter_names()
         by_path = {i["path"]: i["id"] for i in e.adapter_info()} | {i["resolved_path"]: i["id"] for i in e.adapter_info()}
-        resolved = str(Path(adapters).resolve()) if adapters not in names else None
+        try:
+            resolved = str(Path(adapters).resolve()) if adapters not in names else None
+        except (ValueError, OSError):
+            resolved = None
         name = adapters if adapters in names else by_path.get(adapters) or by_path.get(resolved)
         if name is None:
-            raise APIError(404, f"adapter '{adapters}' is not loaded: load it with POST /v1/adapters", param="adapters", code="model_not_found")
+            raise APIError(404, f"adapter '{adapters[:200]}' is not loaded: load it with POST /v1/adapters", param="adapters", code="model_not_found")
         if by_model is not None and by_model != name:
             raise APIError(400, f"'model' names adapter '{by_model}' but 'adapters' names '{name}'", param="adapters", code="invalid_value")
         return name
@@ -845,69 +1085,121 @@ class Handler(BaseHTTPRequestHandler):
     def _completion(self, chat):
         e = self.engine
         body = self._body()
+        check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
         stream = _get(body, "stream", bool, False)
-        opts = _get(body, "stream_options", dict, {}) or {}
-        include_usage = stream and bool(opts.get("include_usage"))
+        include_usage = stream and bool((_get(body, "stream_options", dict, {}) or {}).get("include_usage"))
         adapter = self._adapter_for(body)
-        params = parse_params(body, self.default_max_tokens, chat)
+        params = parse_params(body, self.default_max_tokens, chat, e.vocab_size)
         stop = parse_stop(body)
+        echo = not chat and _get(body, "echo", bool, False)
         if chat:
-            prompt = chat_prompt(e.tokenizer, parse_messages(body))
+            prompts = [chat_prompt(e.tokenizer, parse_messages(body))]
         else:
-            prompt = text_prompt(e.tokenizer, body.get("prompt", _MISSING) if "prompt" in body else _get(body, "prompt", str))
-        if not prompt:
-            raise APIError(400, "the prompt is empty", param="prompt" if not chat else "messages", code="invalid_value")
-        if len(prompt) > e.max_prompt_tokens:
-            raise APIError(
-                400,
-                f"this model's maximum prompt length is {e.max_prompt_tokens} tokens, the prompt has {len(prompt)}",
-                param="messages" if chat else "prompt",
-                code="context_length_exceeded",
+            prompts = text_prompts(e.tokenizer, _get(body, "prompt", (str, list)), e.token_limit)
+        field_ = "messages" if chat else "prompt"
+        if params.max_tokens == 0 and not echo:
+            raise APIError(400, "'max_tokens' must be >= 1 (0 only with 'echo')", param="max_tokens", code="invalid_value")
+        if stream and (echo or len(prompts) > 1):
+            raise APIError(400, "'stream' takes one prompt without 'echo'", param="stream", code="invalid_value")
+        jobs = []
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, "the prompt is empty", param=field_, code="invalid_value")
+            if len(ids) > e.max_prompt_tokens:
+                raise APIError(400, f"this model's maximum prompt length is {e.max_prompt_tokens} tokens, the prompt has {len(ids)}",
+                               param=field_, code="context_length_exceeded")
+            p = params
+            # a model that does not say: a bound all the same
+            context = e.context_length or max(DEFAULT_MAX_PROMPT_TOKENS, e.max_prompt_tokens + DEFAULT_MAX_TOKENS)
+            room = context - len(ids)
+            if p.max_tokens > room:  # capped by the context
+                if room < 1 and not echo:
+                    raise APIError(400, f"the prompt fills this model's context of {context} tokens: no room to generate",
+                                   param=field_, code="context_length_exceeded")
+                p = Params(**{**vars(params), "max_tokens": max(room, 0)})
+            jobs.append(Job(prompt=ids, adapter=adapter, params=p, score=echo and p.logprobs))
+        with e.slots(len(jobs)):
+            name = body.get("model") or (adapter or e.base_name)
+            meta = dict(
+                id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+                created=int(time.time()),
+                model=name,
+                system_fingerprint=f"gain_mlx-{adapter or 'base'}",
             )
-        job = e.submit(Job(prompt=prompt, adapter=adapter, params=params))
-        name = body.get("model") or (adapter or e.base_name)
-        meta = dict(
-            id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
-            created=int(time.time()),
-            model=name,
-            system_fingerprint=f"gain_mlx-{adapter or 'base'}",
-        )
-        try:
-            if stream:
-                self._stream(job, stop, chat, meta, len(prompt), include_usage, params)
-            else:
-                self._whole(job, stop, chat, meta, len(prompt), params)
-        finally:
-            if not job.cancelled:
-                e.cancel(job)  # a no-op once finished; stops the job when the client went away
+            try:
+                for job in jobs:
+                    e.submit(job)
+                if stream:
+                    self._stream(jobs[0], stop, chat, meta, len(jobs[0].prompt), include_usage, params)
+                elif chat:
+                    self._whole_chat(jobs[0], stop, meta, params)
+                else:
+                    self._whole_text(jobs, stop, meta, params, echo)
+            finally:
+                for job in jobs:
+                    if not job.cancelled:
+                        e.cancel(job)  # a no-op once finished; stops the job when the client went away
 
-    def _logprob_entries(self, tok, lp, top, chat):
-        if tok is None:
-            return []
+    def _chat_entries(self, tok, lp, top):
         t = self.engine.tokenizer
         s = t.convert_ids_to_tokens(tok)
-        if chat:
-            return [{"token": s, "id": tok, "logprob": lp, "bytes": list(s.encode()),
-                     "top_logprobs": [{"token": t.convert_ids_to_tokens(i), "id": i, "logprob": v} for i, v in top]}]
-        return [(s, lp, {t.convert_ids_to_tokens(i): v for i, v in top})]
+        return [{"token": s, "id": tok, "logprob": lp, "bytes": list(s.encode()),
+                 "top_logprobs": [{"token": t.convert_ids_to_tokens(i), "id": i, "logprob": v} for i, v in top]}]
 
-    def _whole(self, job, stop, chat, meta, n_prompt, params):
+    def _top_dict(self, top):
+        """``{decoded text: logprob}``, best first; tokens that decode alike keep the best."""
+        out = {}
+        for i, v in top:
+            out.setdefault(self.engine.tokenizer.decode([i]), v)
+        return out
+
+    def _whole_chat(self, job, stop, meta, params):
         text, entries, n, finish = [], [], 0, None
-        for chunk, tok, lp, top, finish in run_job(self.engine, job, stop):
+        for chunk, tok, lp, top, finish in run_job(self.engine, job, stop, gone=self._client_gone):
             text.append(chunk)
             n += tok is not None
-            if params.logprobs:
-                entries += self._logprob_entries(tok, lp, top, chat)
-        text = "".join(text)
+            if params.logprobs and tok is not None:
+                entries += self._chat_entries(tok, lp, top)
+        n_prompt = len(job.prompt)
         usage = {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                      "logprobs": {"content": entries} if params.logprobs else None}
-            obj = {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": _legacy_logprobs(entries) if params.logprobs else None}
-            obj = {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
-        self._send_json(200, obj)
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "finish_reason": finish,
+                  "logprobs": {"content": entries} if params.logprobs else None}
+        self._send_json(200, {**meta, "object": "chat.completion", "choices": [choice], "usage": usage})
+
+    def _whole_text(self, jobs, stop, meta, params, echo):
+        """Legacy completions: one choice per prompt, in prompt order; with ``echo`` each
+        choice starts with its prompt (and its tokens' logprobs, the first null)."""
+        tokenizer = self.engine.tokenizer
+        choices, n_prompt, n_out = [], 0, 0
+        for index, job in enumerate(jobs):
+            text, toks, lps, tops, finish = [], [], [], [], None
+            for chunk, tok, lp, top, finish in run_job(self.engine, job, stop, gone=self._client_gone, keep_eos=echo):
+                text.append(chunk)
+                if tok is not None:
+                    toks.append(tok)
+                    lps.append(lp)
+                    tops.append(self._top_dict(top) if params.logprobs else None)
+            text = "".join(text)
+            n_prompt += len(job.prompt)
+            n_out += len(toks)
+            logprobs = None
+            if echo:
+                pieces = token_texts(tokenizer, job.prompt + toks)
+                text = "".join(pieces[: len(job.prompt)]) + text
+                if params.logprobs:
+                    scored = job.prompt_logprobs or []
+                    lps = [None] + [lp for lp, _ in scored] + lps
+                    tops = [None] + [self._top_dict(t) for _, t in scored] + tops
+            elif params.logprobs:
+                pieces = token_texts(tokenizer, toks)
+            if params.logprobs:
+                offsets = [0]
+                for piece in pieces[:-1]:
+                    offsets.append(offsets[-1] + len(piece))
+                logprobs = {"tokens": pieces, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets[: len(pieces)]}
+            choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs})
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+        self._send_json(200, {**meta, "object": "text_completion", "choices": choices, "usage": usage})
 
     def _stream(self, job, stop, chat, meta, n_prompt, include_usage, params):
         self.send_response(200)
@@ -927,18 +1219,33 @@ class Handler(BaseHTTPRequestHandler):
 
         if chat:
             send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-        n = 0
+        n, offset, detok = 0, 0, self.engine.tokenizer.detokenizer
         try:
-            for chunk, tok, lp, top, finish in run_job(self.engine, job, stop):
+            for chunk, tok, lp, top, finish in run_job(self.engine, job, stop, gone=self._client_gone):
                 n += tok is not None
-                entries = self._logprob_entries(tok, lp, top, chat) if params.logprobs else []
-                if not chunk and not entries and finish is None:
+                logprobs = None
+                if params.logprobs and chat:
+                    logprobs = {"content": self._chat_entries(tok, lp, top) if tok is not None else []}
+                elif params.logprobs:
+                    pieces = []
+                    if tok is not None:
+                        detok.add_token(tok)
+                        pieces = [detok.last_segment]
+                    if finish is not None:
+                        detok.finalize()
+                        pieces = pieces or ([""] if detok.last_segment else [])
+                        if pieces:
+                            pieces[-1] += detok.last_segment
+                    logprobs = {"tokens": pieces, "token_logprobs": [lp] if pieces else [],
+                                "top_logprobs": [self._top_dict(top)] if pieces else [], "text_offset": [offset] if pieces else []}
+                    offset += sum(map(len, pieces))
+                if not chunk and not (logprobs and (logprobs.get("tokens") or logprobs.get("content"))) and finish is None:
                     continue
                 if chat:
                     delta = {"content": chunk} if chunk else {}
-                    choice = {"index": 0, "delta": delta, "logprobs": {"content": entries} if params.logprobs else None, "finish_reason": finish}
+                    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
                 else:
-                    choice = {"index": 0, "text": chunk, "logprobs": _legacy_logprobs(entries) if params.logprobs else None, "finish_reason": finish}
+                    choice = {"index": 0, "text": chunk, "logprobs": logprobs, "finish_reason": finish}
                 send([choice])
         except APIError as e:  # headers are out: the error goes in the stream
             self.wfile.write(b"data: " + json.dumps(e.body()).encode() + b"\n\n")
@@ -948,27 +1255,105 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-def _legacy_logprobs(entries):
-    return {
-        "tokens": [s for s, _, _ in entries],
-        "token_logprobs": [lp for _, lp, _ in entries],
-        "top_logprobs": [top for _, _, top in entries],
-        "text_offset": [],
-    }
+def parse_body(raw: bytes) -> dict:
+    """A request body as a JSON object: strict JSON (no NaN or Infinity), nesting within
+    Python's limits, text that is valid Unicode (no lone surrogates)."""
+
+    def no_constant(name):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=no_constant)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # lone surrogates fail here
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}"[:300], code="invalid_json") from None
+    except UnicodeEncodeError:
+        raise APIError(400, "request body holds text that is not valid Unicode (a lone surrogate)", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    return body
+
+
+_BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
 
 
 class Server(ThreadingHTTPServer):
+    """One thread per connection, at most ``max_connections`` at once: beyond them a
+    connection is answered 503 with ``Retry-After`` at once and closed."""
+
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG  # the listen backlog
+    max_connections = DEFAULT_MAX_CONNECTIONS
+
+    def __init__(self, *args, **kwargs):
+        self._connections = 0
+        self._count_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        with self._count_lock:
+            busy = self._connections >= self.max_connections
+            self._connections += not busy
+        if not busy:
+            return super().process_request(request, client_address)
+        body = json.dumps(APIError(503, f"the server has {self.max_connections} connections open: retry later",
+                                   type_="server_error", code="too_many_connections").body()).encode()
+        try:
+            request.settimeout(0.05)
+            request.sendall(_BUSY + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            request.shutdown(socket.SHUT_WR)
+            request.recv(65536)  # let the request's bytes arrive so that closing does not reset
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self._connections -= 1
 
 
-def make_server(engine: Engine, host="127.0.0.1", port=8080, api_key=None, max_tokens=DEFAULT_MAX_TOKENS) -> Server:
-    """An HTTP server (not yet serving) for ``engine``: call ``serve_forever()``."""
-    handler = type("BoundHandler", (Handler,), {"engine": engine, "api_key": api_key, "default_max_tokens": max_tokens})
-    return Server((host, port), handler)
+def make_server(engine: Engine, host="127.0.0.1", port=8080, api_key=None, max_tokens=DEFAULT_MAX_TOKENS, *,
+                timeout=DEFAULT_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS, runtime_adapters="any",
+                adapter_root=None) -> Server:
+    """An HTTP server (not yet serving) for ``engine``: call ``serve_forever()``.
+
+    ``runtime_adapters`` says what ``POST /v1/adapters`` may load: ``"off"`` nothing,
+    ``"adapter-dir"`` only folders below ``adapter_root``, ``"any"`` any folder or Hub id."""
+    if api_key is not None and not api_key:
+        raise ValueError("an empty API key would let everyone in")
+    if runtime_adapters not in RUNTIME_ADAPTERS:
+        raise ValueError(f"runtime_adapters must be one of {RUNTIME_ADAPTERS}")
+    handler = type("BoundHandler", (Handler,), {
+        "engine": engine, "api_key": api_key, "default_max_tokens": max_tokens, "timeout": timeout,
+        "runtime_adapters": runtime_adapters, "adapter_root": Path(adapter_root) if adapter_root else None,
+    })
+    server = Server((host, port), handler, bind_and_activate=False)
+    server.max_connections = max_connections
+    try:
+        server.server_bind()
+        server.server_activate()
+    except BaseException:
+        server.server_close()
+        raise
+    return server
 
 
 # ---------------------------------------------------------------- CLI
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_adapters(values) -> list:
@@ -1008,6 +1393,9 @@ def make_parser():
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (0: a free one; default 8080)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request (except /health)")
+    p.add_argument("--runtime-adapters", choices=RUNTIME_ADAPTERS, default="adapter-dir",
+                   help="what POST /v1/adapters may load: nothing, only folders below --adapter-dir (the default; "
+                        "off without it), or any folder or Hub repo id")
     p.add_argument("--served-model-name", help="the base model's id in /v1/models (default: from --model)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="default max_tokens of a request")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
@@ -1015,6 +1403,12 @@ def make_parser():
     p.add_argument("--decode-concurrency", type=int, default=32, help="sequences decoded in one batch")
     p.add_argument("--prompt-concurrency", type=int, default=8, help="prompts prefilled in one batch")
     p.add_argument("--prefill-step-size", type=int, default=2048)
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help="connections served at once; beyond them 503 with Retry-After")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="sequences in flight or waiting; beyond them 429 with Retry-After")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="seconds an idle or half-sent connection is kept (default 60)")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     cpu.add_fast_blas_argument(p)
     return p
@@ -1023,9 +1417,13 @@ def make_parser():
 @cli
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    for flag in ("max_tokens", "decode_concurrency", "prompt_concurrency", "prefill_step_size"):
+    for flag in ("max_tokens", "decode_concurrency", "prompt_concurrency", "prefill_step_size", "max_connections", "max_queue"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError("--timeout must be a number of seconds > 0")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key is empty: it would let everyone in; give a key, or leave the flag out on 127.0.0.1")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise UsageError("--max-prompt-tokens must be >= 1")
     if not 0 <= args.port <= 65535:
@@ -1039,19 +1437,22 @@ def main(argv=None):
         engine = Engine(
             args.model, adapters, decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
             prefill_step_size=args.prefill_step_size, max_prompt_tokens=args.max_prompt_tokens,
-            base_name=args.served_model_name,
+            base_name=args.served_model_name, max_queue=args.max_queue,
         )
     except APIError as e:
         raise UserError(e.message) from None
     try:
-        server = make_server(engine, args.host, args.port, args.api_key, args.max_tokens)
+        server = make_server(engine, args.host, args.port, args.api_key, args.max_tokens, timeout=args.timeout,
+                             max_connections=args.max_connections, runtime_adapters=args.runtime_adapters,
+                             adapter_root=args.adapter_dir)
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = server.server_address[:2]
     names = ", ".join(engine.adapter_names()) or "none"
     print(f"gain_mlx.serve: http://{host}:{port}/v1  base {engine.base_name}, adapters: {names}", flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print("warning: listening beyond this machine without --api-key", file=sys.stderr, flush=True)
+    if not _loopback(args.host) and not args.api_key:
+        print(f"warning: listening on {args.host}, beyond this machine, without --api-key: anyone who reaches it can use it",
+              file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -244,6 +244,15 @@ def upload(folder: Path, repo_id: str, private: bool = False, token=None, messag
     return str(getattr(info, "commit_url", info))
 
 
+def _saved_token():
+    """HF_TOKEN or the saved login, read locally (no request)."""
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        raise UserError("huggingface_hub is not installed: pip install huggingface-hub") from None
+    return get_token()
+
+
 def make_parser():
     p = argparse.ArgumentParser(prog="python -m gain_mlx.upload", description=__doc__.splitlines()[0])
     p.add_argument("--path", required=True, help="adapter folder or fused model folder")
@@ -274,10 +283,13 @@ def main(argv=None):
         stage(path, kind, card, out)
         print(f"dry run: {kind} folder for {args.repo_id} written to {out} (card: {out / 'README.md'}); nothing sent")
         return out
+    token = args.token or _saved_token()
+    if not token:
+        raise UserError("no Hub token: pass --token, set HF_TOKEN or run 'hf auth login' (nothing was sent)")
     with tempfile.TemporaryDirectory(prefix="gain_upload-") as tmp:
         folder = stage(path, kind, card, Path(tmp))
         try:
-            url = upload(folder, args.repo_id, args.private, args.token, args.message)
+            url = upload(folder, args.repo_id, args.private, token, args.message)
         except ImportError:
             raise UserError("huggingface_hub is not installed: pip install huggingface-hub") from None
         except Exception as e:  # huggingface_hub's HTTP/auth errors

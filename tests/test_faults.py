@@ -296,3 +296,61 @@ def test_export_force_disk_full_keeps_previous_output(gguf_file, adapter_dir, tm
     assert_one_line(code, err, f"no space left writing {out}")
     assert out.read_bytes() == b"the previous export"
     assert [p.name for p in tmp_path.iterdir()] == ["o.gguf"]  # no temporary left behind
+
+
+def _no_model_type(adapter_dir, tmp_path):
+    import json
+
+    bad = shutil.copytree(adapter_dir, tmp_path / "no_model_type")
+    cfg = json.loads((bad / A.CONFIG_FILE).read_text())
+    del cfg["model_type"]
+    (bad / A.CONFIG_FILE).write_text(json.dumps(cfg))
+    return bad
+
+
+PROBES = {  # file name -> content
+    "malformed.jsonl": '{"word": "a", "choices": ["x", "y"], "answer": 0}\n{not json\n',
+    "incomplete.jsonl": '{"word": "a", "choices": ["x", "y"]}\n',
+    "bad_answer.jsonl": '{"word": "a", "choices": ["x", "y"], "answer": 5}\n',
+    "empty.jsonl": "\n",
+}
+
+NEWER_CLI_FAULTS = [
+    ("gain_mlx.generate", ["--model", "{model}", "--prompt", "x", "--seed", "-1"], 2, "--seed"),
+    ("gain_mlx.generate", ["--model", "{model}", "--prompt", "x", "--temp", "-1"], 2, "--temp"),
+    ("gain_mlx.generate", ["--model", "{model}", "--prompt", "x", "--temp", "nan"], 2, "--temp"),
+    ("gain_mlx.chat", ["--model", "{model}", "--seed", "18446744073709551616"], 2, "--seed"),
+    ("gain_mlx.generate", ["--model", "{model}", "--prompt", "x", "--adapter-path", "{no_model_type}"], 1, "model_type"),
+    *[("gain_mlx.probe", ["--model", "{model}", "--probe", "{tmp}/" + name], 1, name) for name in PROBES],
+    ("gain_mlx.sequential", ["--out", "{tmp}/seq", "--report"], 1, "bad.json"),
+    ("gain_mlx.serve", ["--model", "{model}", "--api-key", ""], 2, "--api-key"),
+]
+
+
+@pytest.mark.parametrize("module, args, want_code, match", NEWER_CLI_FAULTS, ids=lambda x: str(x)[:40])
+def test_newer_cli_bad_input(adapter_dir, tiny_model_dir, tmp_path, module, args, want_code, match):
+    """generate, chat, probe, sequential --report and serve: one error line naming the flag or file."""
+    for name, text in PROBES.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "seq" / "runs").mkdir(parents=True)
+    (tmp_path / "seq" / "runs" / "bad.json").write_text('{"run": ')
+    names = dict(model=tiny_model_dir, tmp=tmp_path, no_model_type=_no_model_type(adapter_dir, tmp_path))
+    code, err = run_cli(module, *[a.format(**names) for a in args])
+    assert_one_line(code, err, match, want_code)
+
+
+def test_generate_stdin_not_utf8(tiny_model_dir):
+    env = {"OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
+    r = subprocess.run([sys.executable, "-m", "gain_mlx.generate", "--model", str(tiny_model_dir), "--prompt", "-"],
+                       input=b"caf\xe9\xff", capture_output=True, cwd=ROOT, env=env, timeout=300)
+    assert_one_line(r.returncode, r.stderr.decode(), "stdin is not UTF-8")
+
+
+def test_upload_without_token_sends_nothing(adapter_dir, tmp_path):
+    """No token: one line before any request (no Hub is reachable here: a request would hang or fail)."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path),
+           "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    r = subprocess.run([sys.executable, "-m", "gain_mlx.upload", "--path", str(adapter_dir), "--repo-id", "me/x"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert_one_line(r.returncode, r.stderr, "no Hub token")

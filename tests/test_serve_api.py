@@ -179,6 +179,9 @@ def _one(server, ref, kind, stream, name, prompt, max_tokens):
             r = client.completions.create(**args)
             text, toks = r.choices[0].text, r.choices[0].logprobs.tokens
     want_ids, want_text = ref(name, ids, max_tokens)
+    if kind != "chat":  # legacy logprobs give each token's decoded text: they join to the text
+        assert "".join(toks) == text and len(toks) == len(want_ids)
+        return want_ids if text == want_text else toks, text, want_ids, want_text
     return tok_ids(tok, toks), text, want_ids, want_text
 
 
@@ -395,6 +398,17 @@ def test_cli_binds_localhost_by_default(served, tmp_path):
         client = openai.OpenAI(base_url=url, api_key="k", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["model", "legal", "drama", "medical"]
         assert client.completions.create(model="drama", prompt="x", max_tokens=3).usage.completion_tokens == 3
+        # runtime loads: only subfolders of --adapter-dir (the default policy)
+        def add(path, name="x"):
+            req = urllib.request.Request(url + "/adapters", json.dumps({"name": name, "path": path}).encode(), method="POST",
+                                         headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+        assert add(str(adapters["legal"])) == 403 and add("../" + adapters["legal"].name) == 403
+        assert add("drama") == 201 and add(str(folder / "medical"), "y") == 201
     finally:
         proc.terminate()
         proc.wait(30)

@@ -27,6 +27,7 @@ class FakeApi:
 
 @pytest.fixture
 def fake_hub(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")  # upload refuses to start without a token
     import huggingface_hub
 
     FakeApi.calls = []

@@ -14,6 +14,13 @@ mlx-lm batches only requests for the same adapter and reloads the model on a cha
 
     python tools/bench_serve.py                       # synthetic 30M-parameter llama, ~1-2 min on 2 cores
     python tools/bench_serve.py --model smollm2-135m --mlx-lm --json bench_serve.json
+
+``--compare DIR`` times another checkout of gain_mlx (e.g. ``git worktree add /tmp/old
+d608c3e``) against this one, side by side in one process: each scenario runs on one
+server then the other, the order alternating by round, and the table gives the median of
+the paired rounds' ratios this/other per scenario.
+
+    python tools/bench_serve.py --compare /tmp/old --rounds 3
 """
 
 import argparse
@@ -29,10 +36,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gain_mlx import cpu, policy  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from gain_mlx import cpu, policy  # noqa: E402
 SYNTHETIC = dict(
     model_type="llama", hidden_size=512, num_hidden_layers=8, intermediate_size=1408, num_attention_heads=8,
     num_key_value_heads=4, rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=4096,
@@ -168,39 +174,57 @@ def api(port, method, path, body=None):
     return data
 
 
-def bench_gain(args, adapters):
-    from gain_mlx.serve import Engine, make_server
+class GainServer:
+    """A running gain_mlx.serve of ``serve`` (this checkout's module, or another's), whose
+    adapters ``a0..a{k-1}`` are added and removed to set up each scenario."""
 
-    engine = Engine(args.model, [], decode_concurrency=max(32, args.clients))
-    server = make_server(engine, port=0)
-    port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    def __init__(self, serve, args, adapters):
+        self.engine = serve.Engine(args.model, [], decode_concurrency=max(32, args.clients))
+        self.server = serve.make_server(self.engine, port=0)
+        self.port = self.server.server_address[1]
+        self.args, self.adapters, self.loaded = args, adapters, 0
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        warm = argparse.Namespace(**dict(vars(args), requests=args.clients, max_tokens=8))
+        run_load(self.port, [self.engine.base_name], warm, lambda i: {"ignore_eos": True})
+
+    def run(self, k):
+        """The load on the base (k = 0) or on k distinct adapters."""
+        port = self.port
+        while self.loaded < k:
+            api(port, "POST", "/v1/adapters", {"name": f"a{self.loaded}", "path": str(self.adapters[self.loaded])})
+            self.loaded += 1
+        while k == 0 and self.loaded > 0:
+            self.loaded -= 1
+            api(port, "DELETE", f"/v1/adapters/a{self.loaded}")
+        models = [self.engine.base_name] if k == 0 else [f"a{i}" for i in range(k)]
+        before = dict(self.engine.stats)
+        r = run_load(port, models, self.args, lambda i: {"ignore_eos": True})
+        r["mixed_passes"] = self.engine.stats["mixed_passes"] - before["mixed_passes"]
+        r["max_batch"] = self.engine.stats["max_batch"]
+        return r
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.engine.close()
+
+
+def scenarios(args):
+    return [("base alone (no adapter loaded)", 0)] + [(f"{k} distinct adapter{'s' * (k > 1)}", k) for k in args.adapters]
+
+
+def bench_gain(args, adapters):
+    from gain_mlx import serve
+
+    g = GainServer(serve, args, adapters)
     rows = []
     try:
-        base = engine.base_name
-        warm = argparse.Namespace(**dict(vars(args), requests=args.clients, max_tokens=8))
-        run_load(port, [base], warm, lambda i: {"ignore_eos": True})
-        scenarios = [("base alone (no adapter loaded)", 0)] + [(f"{k} distinct adapter{'s' * (k > 1)}", k) for k in args.adapters]
-        loaded = 0
         for _ in range(args.rounds):
-            for label, k in scenarios:
-                while loaded < k:
-                    api(port, "POST", "/v1/adapters", {"name": f"a{loaded}", "path": str(adapters[loaded])})
-                    loaded += 1
-                while loaded > max(k, 0) and label.startswith("base"):
-                    loaded -= 1
-                    api(port, "DELETE", f"/v1/adapters/a{loaded}")
-                models = [base] if k == 0 else [f"a{i}" for i in range(k)]
-                before = dict(engine.stats)
-                r = run_load(port, models, args, lambda i: {"ignore_eos": True})
-                r["mixed_passes"] = engine.stats["mixed_passes"] - before["mixed_passes"]
-                r["max_batch"] = engine.stats["max_batch"]
-                rows.append((label, r))
-                print(f"  {label}: {r['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+            for label, k in scenarios(args):
+                rows.append((label, g.run(k)))
+                print(f"  {label}: {rows[-1][1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
     finally:
-        server.shutdown()
-        server.server_close()
-        engine.close()
+        g.close()
     return rows
 
 
@@ -254,6 +278,51 @@ def best(rows):
     return out
 
 
+def other_serve(folder):
+    """``gain_mlx.serve`` of another checkout, imported beside this one as ``gain_mlx_other``."""
+    import importlib
+    import importlib.util
+
+    pkg = Path(folder) / "gain_mlx"
+    spec = importlib.util.spec_from_file_location("gain_mlx_other", pkg / "__init__.py", submodule_search_locations=[str(pkg)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gain_mlx_other"] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("gain_mlx_other.serve")
+
+
+def compare(args, adapters):
+    """This checkout's server against ``args.compare``'s, both running in this process on the
+    same model and adapters: each scenario is run on one then the other (the order
+    alternating), so both see the same machine load; the ratio per scenario is the median
+    of the paired rounds' ratios."""
+    from gain_mlx import serve
+
+    servers = {"other": GainServer(other_serve(args.compare), args, adapters), "this": GainServer(serve, args, adapters)}
+    rows, ratios = {"other": [], "this": []}, {}
+    try:
+        for i in range(args.rounds):
+            for label, k in scenarios(args):
+                got = {}
+                for who in ("other", "this")[:: 1 if i % 2 == 0 else -1]:
+                    got[who] = servers[who].run(k)
+                    rows[who].append((label, got[who]))
+                ratios.setdefault(label, []).append(got["this"]["tok_s"] / got["other"]["tok_s"])
+                print(f"  {label}: other {got['other']['tok_s']:.1f}, this {got['this']['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+    finally:
+        for g in servers.values():
+            g.close()
+    other, this = best(rows["other"]), best(rows["this"])
+    print(f"\n| scenario ({args.clients} clients, {args.requests} requests x {args.max_tokens} tokens, {args.rounds} rounds) "
+          f"| {args.compare} best tok/s | this checkout best tok/s | this / other, median of paired rounds |")
+    print("|---|---|---|---|")
+    for label in this:
+        print(f"| {label} | {other[label]['tok_s']:.1f} | {this[label]['tok_s']:.1f} | {statistics.median(ratios[label]):.3f} |")
+    every = [r for v in ratios.values() for r in v]
+    print(f"\nall {len(every)} paired rounds: median this / other {statistics.median(every):.3f}")
+    return {"other": other, "this": this, "ratios": ratios}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="base model (default: a synthetic 30M-parameter llama built once)")
@@ -267,6 +336,7 @@ def main(argv=None):
     p.add_argument("--mlx-lm", action="store_true", help="also time mlx_lm.server with two LoRA adapters")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--work", help="folder for the synthetic model and adapters (default: a temporary one)")
+    p.add_argument("--compare", metavar="DIR", help="time the gain_mlx checkout DIR against this one, rounds interleaved")
     cpu.add_fast_blas_argument(p)
     args = p.parse_args(argv)
     policy.start(args.fast_blas)
@@ -275,6 +345,8 @@ def main(argv=None):
         args.model = str(synthetic_model(work / "synthetic"))
     t0 = time.time()
     adapters = random_gain_adapters(args.model, work, max(args.adapters), args.variant)
+    if args.compare:
+        return compare(args, adapters)
     print(f"bench_serve: {args.model}, {args.clients} clients, {args.requests} requests x {args.max_tokens} tokens", file=sys.stderr)
     rows = bench_gain(args, adapters)
     if args.mlx_lm:
