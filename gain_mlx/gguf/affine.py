@@ -10,9 +10,8 @@ Other types (Q6_K, Q3_K, Q2_K with 16-element sub-blocks, the codebook IQ* and T
 types) have no affine form at group 32: they become 8-bit affine of their dequantized
 values (``NEAREST_BITS``), an error measured per type in docs/deploy.md.
 
-``q`` is recovered from gguf-py's dequantization (bit-identical to ggml's) and the
-block's own scale and bias fields: ``q = (w - bias) / scale`` must come out integral,
-which checks the field parsing on every tensor converted.
+Each exact type's integers are read straight from its bits (``q_*`` below, after gguf-py's
+dequantizers, which are bit-identical to ggml's and are the reference of the tests).
 """
 
 from dataclasses import dataclass
@@ -54,20 +53,55 @@ def _k_quant(blocks):
     return _f16(blocks, 0) * sc.astype(np.float32), -_f16(blocks, 2) * m.astype(np.float32)
 
 
+def _nibbles(qs, run: int):
+    """ggml's nibble order: each run of ``run`` bytes holds ``run`` values in its low
+    halves, then the next ``run`` in its high halves."""
+    qs = qs.reshape(len(qs), -1, 1, run)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(len(qs), -1)
+
+
+def _fifth_bits(qh, n: int):
+    """Bit ``i`` of a little-endian 32-bit word per block, for values 0..n-1."""
+    words = np.ascontiguousarray(qh).view("<u4")
+    return ((words >> np.arange(n, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+
+
+def _q4(offset):
+    return lambda b: _nibbles(b[:, offset:offset + 16], 16)
+
+
+def _q5(offset):
+    return lambda b: _nibbles(b[:, offset + 4:offset + 20], 16) | _fifth_bits(b[:, offset:offset + 4], 32)
+
+
+def _q8_0(b):
+    return b[:, 2:34] ^ 0x80  # int8 q + 128 as unsigned
+
+
+def _q4_k(b):
+    return _nibbles(b[:, 16:144], 32)
+
+
+def _q5_k(b):
+    high = (b[:, 16:48, None] >> np.arange(8, dtype=np.uint8)) & 1  # (n, 32 values, 8 sub-blocks)
+    return _nibbles(b[:, 48:176], 32) | (high.transpose(0, 2, 1).reshape(len(b), -1) << 4)
+
+
 @dataclass(frozen=True)
 class Affine:
     bits: int
     fields: Callable  # uint8 blocks (n, block bytes) -> (scales, biases), (n, groups) float32
+    q: Callable  # uint8 blocks -> unsigned integers (n, block values), in value order
 
 
 EXACT = {
-    T.Q4_0: Affine(4, _d_only(8)),
-    T.Q4_1: Affine(4, _d_m),
-    T.Q5_0: Affine(5, _d_only(16)),
-    T.Q5_1: Affine(5, _d_m),
-    T.Q8_0: Affine(8, _d_only(128)),  # int8 q -> q + 128 unsigned
-    T.Q4_K: Affine(4, _k_quant),
-    T.Q5_K: Affine(5, _k_quant),
+    T.Q4_0: Affine(4, _d_only(8), _q4(2)),
+    T.Q4_1: Affine(4, _d_m, _q4(4)),
+    T.Q5_0: Affine(5, _d_only(16), _q5(2)),
+    T.Q5_1: Affine(5, _d_m, _q5(4)),
+    T.Q8_0: Affine(8, _d_only(128), _q8_0),
+    T.Q4_K: Affine(4, _k_quant, _q4_k),
+    T.Q5_K: Affine(5, _k_quant, _q5_k),
 }
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
@@ -92,15 +126,7 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
 
 def _exact_blocks(blocks: np.ndarray, qtype) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     scales, biases = EXACT[qtype].fields(blocks)
-    w = dequantize(blocks, qtype).reshape(len(blocks), scales.shape[1], GROUP_SIZE)
-    s, b = scales[..., None], biases[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(s != 0, (w - b) / s, 0)
-    q = np.rint(r)
-    bits = EXACT[qtype].bits
-    if np.abs(r - q).max(initial=0) > 1e-3 or q.min(initial=0) < 0 or q.max(initial=0) >= 1 << bits:
-        raise GGUFImportError(f"{qtype.name} blocks are not affine as expected: converter bug")
-    return q.reshape(len(blocks), -1), scales, biases
+    return EXACT[qtype].q(blocks), scales, biases
 
 
 def to_affine(raw: np.ndarray, qtype, n_in: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # tensors in that dtype (the compute dtype: MLX then makes no copies of the scales).
 FORMS = {**{name: (name, False) for name in DTYPES},
          **{f"quantized-{name}": (name, True) for name in ("float16", "float32")}}
-MAX_SHARD_BYTES = 5 << 30  # as mlx-lm
+MAX_SHARD_BYTES = 1 << 30  # a shard is held in memory until written: small keeps conversion peaks low
 
 
 def open_gguf(path) -> GGUFReader:
