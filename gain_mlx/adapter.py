@@ -242,34 +242,43 @@ def check_base(model, config: dict, source: str = "adapter") -> None:
         )
 
 
-def load_adapter(model, adapter_path, source=None, gains_file=None) -> dict:
-    """Check the base, apply gains as configured and load their trained values
-    (from ``gains_file``, default the folder's ``gains.safetensors``)."""
-    config, _ = read_adapter(adapter_path)
-    check_base(model, config, source=source or f"adapter {adapter_path}")
+def resolve_adapter(spec) -> Path:
+    """A local adapter folder for ``spec``: a folder, or a Hugging Face Hub repo id
+    (``owner/name``, fetched into the Hub cache; ``HF_HUB_OFFLINE=1`` uses the cache only)."""
+    path = Path(spec)
+    if path.exists() or str(spec).count("/") != 1 or str(spec).startswith((".", "/")):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(spec), allow_patterns=[CONFIG_FILE, GAINS_FILE, "*.md"]))
+    except ImportError:
+        raise UserError(f"{spec} is not a local folder and huggingface_hub is not installed") from None
+    except Exception as e:  # huggingface_hub raises many types for a missing repo/offline cache
+        raise UserError(f"adapter {spec}: not a local folder and not found on the Hub or in its cache ({type(e).__name__})") from None
+
+
+def attach(model, config: dict, weights: dict, source: str, check: bool = True) -> dict:
+    """Check the base (unless ``check``: a fused model carries the gains already), apply
+    gains as ``config`` describes and load ``weights`` (``{<path>.gain: array}``)."""
+    if check:
+        check_base(model, config, source=source)
     apply_gains(model, config["variant"], config["tie_kv"], config.get("custom_targets"))
-    gains_file = Path(gains_file) if gains_file else Path(adapter_path) / GAINS_FILE
-    weights = load_gains_file(gains_file)
     expected = dict(tree_flatten(model.trainable_parameters()))
     if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
         raise AdapterError(
-            f"{gains_file} does not hold the gains its {CONFIG_FILE} describes "
+            f"{source} does not hold the gains its {CONFIG_FILE} describes "
             f"({len(weights)} tensors, expected {len(expected)}): re-save the adapter"
         )
     model.load_weights(list(weights.items()), strict=False)
     return config
 
 
-def lineage_lines(config: dict) -> list:
-    """A markdown table of the adapter's training stages (for model cards); [] if none."""
-    from .monitor import Monitor
-
-    lineage = config.get("lineage") or []
-    lines = ["| stage | data | data sha256 | steps | learning rate | final metrics (vs the stage's step 0) |",
-             "|---|---|---|---|---|---|"]
-    for i, stage in enumerate(lineage, 1):
-        data = Path(stage["data"]).name if stage.get("data") else "not recorded"
-        final = Monitor.describe(stage.get("final") or {}).replace(" | ", "; ") or "-"  # no | in a cell
-        lines.append(f"| {i} | `{data}` | `{stage.get('data_fingerprint') or '-'}` | {stage.get('steps', '-')} "
-                     f"| {stage.get('learning_rate', '-')} | {final} |")
-    return lines if lineage else []
+def load_adapter(model, adapter_path, source=None, gains_file=None, check: bool = True) -> dict:
+    """The one adapter loader: resolve ``adapter_path`` (folder or Hub id), check the base,
+    apply gains as configured and load their trained values (from ``gains_file``,
+    default the folder's ``gains.safetensors``). Returns the adapter's config."""
+    folder = resolve_adapter(adapter_path)
+    config, _ = read_adapter(folder)
+    gains_file = Path(gains_file) if gains_file else folder / GAINS_FILE
+    return attach(model, config, load_gains_file(gains_file), source or f"adapter {adapter_path}", check)

@@ -35,7 +35,7 @@ from mlx_lm.tuner.trainer import TrainingArgs
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .adapter import apply_gains
-from .arch import find_targets, get_module
+from .arch import find_targets
 from . import policy
 from .cpu import add_fast_blas_argument, copy_model
 from .errors import UsageError, UserError, cli

@@ -27,12 +27,10 @@ gguf-py's dequantizer, and renamed over ``--out`` at the end.
 """
 
 import errno
-import hashlib
 import mmap
 import os
-import shutil
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -42,14 +40,16 @@ from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType as T, 
 from ..adapter import (
     MIN_FINGERPRINT_COSINE,
     PROBE_ROWS,
-    AdapterError,
     fingerprint_similarity,
     probe,
     read_adapter,
+    resolve_adapter,
     targets_from_config,
 )
+from ..errors import UserError
 from ..arch import HeadLayout
 from ..files import temp_path
+from ..provenance import gains_sha256
 from ..fold import FoldStep, plan_folds
 from . import quants as Q
 from .config import ARCHS, GGUF_ARCH
@@ -77,7 +77,7 @@ MAX_EXACT_ERROR = 0.05  # a "scales" edit further off than this is a bug, not ro
 PAGE = 4096  # data keep their offset modulo this: page-aligned copies, reflinks
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A one-line problem with the inputs of an export."""
 
 
@@ -625,20 +625,18 @@ def new_history(ops: dict, src_tensors) -> list:
     return out
 
 
-def provenance(config: dict, stored: dict, ops: dict, src_tensors, fallback: str,
+def provenance(config: dict, sha: str, ops: dict, src_tensors, fallback: str,
                adapter_name: str = "", folds: int = 1) -> list:
     """The ``gain_mlx.*`` records an export writes (unless ``--no-metadata``): what was
-    folded in, and the fold history that lets a later export divide it out."""
-    h = hashlib.sha256()
-    for k in sorted(stored):
-        h.update(k.encode() + np.ascontiguousarray(stored[k], dtype="<f4").tobytes())
+    folded in (``sha``: ``provenance.gains_sha256`` of the adapter, as fuse records it),
+    and the fold history that lets a later export divide it out."""
     records = new_history(ops, src_tensors)
     factors = np.concatenate([r.factor.reshape(-1) for r in records]) if records else np.zeros(0)
     return [
         encode_kv(META_PREFIX + "variant", str(config.get("variant"))),
         encode_kv(META_PREFIX + "tie_kv", bool(config.get("tie_kv"))),
         encode_kv(META_PREFIX + "targets", [t["path"] for t in config["targets"]]),
-        encode_kv(META_PREFIX + "gains_sha256", h.hexdigest()),
+        encode_kv(META_PREFIX + "gains_sha256", sha),
         encode_kv(META_PREFIX + "adapter", adapter_name),
         encode_kv(META_PREFIX + "fallback", fallback),
         encode_kv(META_PREFIX + "folds", int(folds)),
@@ -894,10 +892,8 @@ def export_gguf(
     if check_rows < 0:
         raise ExportError(f"--check-rows must be >= 0, not {check_rows}")
     _check_paths(gguf_path, out_path, force)
-    try:
-        config, stored = read_adapter(adapter_path)
-    except AdapterError as e:
-        raise ExportError(str(e)) from None
+    adapter_path = resolve_adapter(adapter_path)
+    config, stored = read_adapter(adapter_path)
     src = _open(gguf_path)
     history = read_history(src, gguf_path)
     table = tensor_name_map(src)
@@ -920,7 +916,7 @@ def export_gguf(
         edits = [Edit(e.tensor, e.step, forced.get(e.tensor, e.how)) for e in edits]
         ops = build_ops(edits, src.by_name, history)
         try:
-            report = _write(src, gguf_path, out_path, ops, config, stored, fallback, metadata, adapter_name,
+            report = _write(src, gguf_path, out_path, ops, config, gains_sha256(adapter_path), fallback, metadata, adapter_name,
                             folds + 1, check_rows, fsync)
             break
         except _Reroute as r:
@@ -934,12 +930,12 @@ def export_gguf(
     return report
 
 
-def _write(src, gguf_path, out_path, ops, config, stored, fallback, metadata, adapter_name, folds,
+def _write(src, gguf_path, out_path, ops, config, sha, fallback, metadata, adapter_name, folds,
            check_rows, fsync) -> list:
     """Write the output to a temp file beside ``out_path``, patch, verify, rename."""
     tensors = src.by_name
     converted = {name: op for name, op in ops.items() if op.how in CONVERT_TYPES}
-    add_kv = provenance(config, stored, ops, tensors, fallback, adapter_name, folds) if metadata else ()
+    add_kv = provenance(config, sha, ops, tensors, fallback, adapter_name, folds) if metadata else ()
     tmp = temp_path(out_path)  # .tmp-<pid>-<name>; ones left by killed runs are removed
     try:
         replace = {
