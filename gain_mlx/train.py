@@ -766,10 +766,7 @@ def run(args) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     policy.start(args.fast_blas)
-    try:
-        run(args)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    run(args)
 
 
 if __name__ == "__main__":
