@@ -13,20 +13,20 @@ becomes the edit of one GGUF tensor, by one of these routes:
 ``--fallback`` picks the route of a gain that has no exact fold: ``auto`` (default)
 takes the least lossy one per tensor (``auto_route``), ``refuse`` stops.
 
-The fold history (``gain_mlx.*`` keys: which tensor took which factor, by which
-route, and its type in the base) is written by default. Exporting onto such a file
+The fold history (``gain_mlx.*`` keys, ``gain_mlx.gguf.history``: which tensor took
+which factor, by which route, and its type in the base) is written by default. Exporting onto such a file
 divides the earlier gains out before folding the new ones in: a deployed GGUF
 switches domains without its original base file, exact up to the rounding of the
 scale fields (``quants.scale_blocks(undo=...)`` recovers the base fields bit for
 bit where the earlier fold was invertible).
 
-The output is the input copied by the kernel (``copy_file_range``, reflink where the
-file system has it; the header is rewritten when keys change), patched in place
+The output is the input copied by the kernel (``gain_mlx.gguf.writer.rewrite``:
+``copy_file_range``, reflink where the file system has it; the header is rewritten when
+keys change), patched in place
 through a read-write memmap one tensor at a time, checked on a sample of rows against
 gguf-py's dequantizer, and renamed over ``--out`` at the end.
 """
 
-import errno
 import mmap
 import os
 import struct
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, TensorNameMap
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, TensorNameMap
 
 from ..adapter import (
     PROBE_ROWS,
@@ -46,34 +46,27 @@ from ..adapter import (
     resolve_adapter,
     targets_from_config,
 )
-from ..errors import UserError
 from ..arch import HeadLayout
 from ..files import temp_path
 from ..layers import expand_tied
 from ..provenance import gains_sha256
 from ..fold import FoldStep, plan_folds
+from . import ExportError
 from . import quants as Q
 from .config import ARCHS, GGUF_ARCH
-from .header import GGUFFile
+from .header import GGUFFile, n_cols, raw_rows
+from .history import META_PREFIX, provenance, read_history
 from .names import gguf_name, name_table
+from .writer import rewrite
 
 FALLBACKS = ("auto", "requant", "f16", "q8_0", "refuse")
 DEFAULT_FALLBACK = "auto"
 CONVERT_TYPES = {"f16": T.F16, "q8_0": T.Q8_0}
-INVERTIBLE = ("scales", "f16")  # routes whose gains a later export can divide out
 # Row layouts of a producer that llama.cpp's converter keeps in HF order (V rows of a
 # fused qkv, up half of a fused gate|up). gpt_neox's per-head qkv is not among them.
 GGUF_ROW_LAYOUTS = ("all", "v", "up")
-META_PREFIX = "gain_mlx."
-HISTORY_VERSION = 1
-PAD_KEY = META_PREFIX + "pad"
 CHECK_ROWS = 64  # rows per tensor compared against s * dequantize(original)
 MAX_EXACT_ERROR = 0.05  # a "scales" edit further off than this is a bug, not rounding
-PAGE = 4096  # data keep their offset modulo this: page-aligned copies, reflinks
-
-
-class ExportError(UserError, ValueError):
-    """A one-line problem with the inputs of an export."""
 
 
 @dataclass(frozen=True)
@@ -108,18 +101,6 @@ def gguf_tensor(reader: GGUFFile, table: TensorNameMap, path: str, suffix: str =
     return None if name is None else reader.by_name.get(name + suffix)
 
 
-def _raw(t) -> np.ndarray:
-    """Raw bytes of a tensor as ``(G, rows, row_bytes)``; G = experts (1 if none)."""
-    dims = [int(d) for d in t.shape]
-    rows = dims[1] if len(dims) > 1 else 1
-    groups = int(np.prod(dims[2:])) if len(dims) > 2 else 1
-    return t.data.view(np.uint8).reshape(groups, rows, -1)
-
-
-def _cols(t) -> int:
-    return int(t.shape[0])
-
-
 # --- the adapter against the GGUF ---------------------------------------------------
 
 def _layout(reader: GGUFFile, table, targets) -> Optional[HeadLayout]:
@@ -132,7 +113,7 @@ def _layout(reader: GGUFFile, table, targets) -> Optional[HeadLayout]:
     out = gguf_tensor(reader, table, attn[0].path)
     if out is None:
         return None
-    return HeadLayout(int(n_heads), int(n_kv), _cols(out) // int(n_heads))
+    return HeadLayout(int(n_heads), int(n_kv), n_cols(out) // int(n_heads))
 
 
 def _fingerprint(reader, table, targets, history=None) -> list:
@@ -141,7 +122,7 @@ def _fingerprint(reader, table, targets, history=None) -> list:
     probes = []
     for t in targets:
         tensor = gguf_tensor(reader, table, t.path)
-        raw = _raw(tensor)
+        raw = raw_rows(tensor)
         head = Q.dequantize(raw.reshape(-1, raw.shape[-1])[:PROBE_ROWS], tensor.tensor_type)
         record = (history or {}).get(tensor.name)
         if record is not None:
@@ -212,7 +193,7 @@ def auto_route(tensor) -> str:
     """
     if tensor.tensor_type == T.Q8_0:
         return "requant"
-    if _cols(tensor) % GGML_QUANT_SIZES[T.Q8_0][0] == 0:
+    if n_cols(tensor) % GGML_QUANT_SIZES[T.Q8_0][0] == 0:
         return "q8_0"
     return "f16"
 
@@ -236,8 +217,8 @@ def _how(step: FoldStep, tensor, fallback: str) -> str:
             f"{why} and gguf-py cannot quantize {qtype.name} to requantize it; "
             "pass --fallback auto, f16 or q8_0, or retrain with --tie-kv"
         )
-    if fallback == "q8_0" and _cols(tensor) % GGML_QUANT_SIZES[T.Q8_0][0]:
-        raise ExportError(f"{tensor.name}: {_cols(tensor)} columns do not fit Q8_0 blocks; pass --fallback f16")
+    if fallback == "q8_0" and n_cols(tensor) % GGML_QUANT_SIZES[T.Q8_0][0]:
+        raise ExportError(f"{tensor.name}: {n_cols(tensor)} columns do not fit Q8_0 blocks; pass --fallback f16")
     return fallback
 
 
@@ -273,14 +254,14 @@ def plan_edits(reader, table, targets, gains, layout, fallback: str, base_types=
 
 def _factors(edit: Edit, tensor):
     """(row factor (G, rows) or None, column factor (G, cols) or None) of an edit."""
-    groups, rows, _ = _raw(tensor).shape
+    groups, rows, _ = raw_rows(tensor).shape
     f = np.asarray(edit.step.factor, dtype=np.float64)
     f = f if f.ndim == 2 else f[None]
     is_bias = tensor.name.endswith(".bias")
-    n_rows = _cols(tensor) if is_bias else rows
+    n_rows = n_cols(tensor) if is_bias else rows
     if edit.step.axis == "columns":
-        if f.shape[-1] != _cols(tensor) or f.shape[0] not in (1, groups):
-            raise ExportError(f"gain of {edit.step.target} has {f.shape[-1]} inputs, {tensor.name} has {_cols(tensor)} columns")
+        if f.shape[-1] != n_cols(tensor) or f.shape[0] not in (1, groups):
+            raise ExportError(f"gain of {edit.step.target} has {f.shape[-1]} inputs, {tensor.name} has {n_cols(tensor)} columns")
         return None, np.broadcast_to(f, (groups, f.shape[-1]))
     idx = np.arange(n_rows) if edit.step.rows is None else np.asarray(edit.step.rows)
     if f.shape[-1] != len(idx) or idx.max() >= n_rows or f.shape[0] not in (1, groups):
@@ -288,12 +269,6 @@ def _factors(edit: Edit, tensor):
     full = np.ones((groups, n_rows))
     full[:, idx] = f
     return full, None
-
-
-def _axis_len(tensor, axis: str) -> tuple:
-    """(G, n): the shape of a full factor of ``tensor`` along ``axis``."""
-    groups, rows, _ = _raw(tensor).shape
-    return (groups, rows) if axis == "rows" else (groups if axis == "columns" else 1, _cols(tensor))
 
 
 @dataclass
@@ -359,7 +334,7 @@ def _spread(axis: str, factor: np.ndarray, groups_idx, rows_idx) -> np.ndarray:
 
 def apply_op(op: Op, tensor) -> None:
     """Apply an in-place op ("scales" or "requant") to a writable tensor view."""
-    raw = _raw(tensor)
+    raw = raw_rows(tensor)
     qtype = tensor.tensor_type
     new = op.new if op.new is not None else np.ones_like(op.old)
     if op.how == "scales" and op.axis == "rows":
@@ -382,7 +357,7 @@ def _rescaled_bytes(raw, qtype, op: Op, new_type) -> np.ndarray:
 
 def converted_bytes(op: Op, tensor) -> np.ndarray:
     """The tensor's new bytes for an "f16"/"q8_0" op."""
-    return _rescaled_bytes(_raw(tensor), tensor.tensor_type, op, CONVERT_TYPES[op.how])
+    return _rescaled_bytes(raw_rows(tensor), tensor.tensor_type, op, CONVERT_TYPES[op.how])
 
 
 def _release(reader: GGUFFile, tensor) -> None:
@@ -409,7 +384,7 @@ def measure(src: GGUFFile, out: GGUFFile, ops: dict, check_rows: int = CHECK_ROW
         a, b = src.by_name[name], out.by_name[name]
         err = None
         if check_rows > 0:
-            ra, rb = _raw(a), _raw(b)
+            ra, rb = raw_rows(a), raw_rows(b)
             groups, rows, _ = ra.shape
             if op.axis == "elements":
                 flat = np.arange(groups * rows)
@@ -433,331 +408,6 @@ def measure(src: GGUFFile, out: GGUFFile, ops: dict, check_rows: int = CHECK_ROW
             "bytes": b.n_bytes - a.n_bytes,
         })
     return report
-
-
-# --- GGUF key/value records ---------------------------------------------------------
-
-def _u64(n: int) -> bytes:
-    return struct.pack("<Q", n)
-
-
-def _u32(n: int) -> bytes:
-    return struct.pack("<I", n)
-
-
-def _gguf_str(s: str) -> bytes:
-    b = s.encode("utf-8")
-    return _u64(len(b)) + b
-
-
-def encode_kv(key: str, value) -> bytes:
-    """One GGUF key/value record: string, bool, uint32, list of strings, or a float32
-    numpy array."""
-    if isinstance(value, bool):
-        body = _u32(GGUFValueType.BOOL) + struct.pack("<?", value)
-    elif isinstance(value, int):
-        body = _u32(GGUFValueType.UINT32) + _u32(value)
-    elif isinstance(value, str):
-        body = _u32(GGUFValueType.STRING) + _gguf_str(value)
-    elif isinstance(value, np.ndarray):
-        data = np.ascontiguousarray(value, dtype="<f4").reshape(-1)
-        body = _u32(GGUFValueType.ARRAY) + _u32(GGUFValueType.FLOAT32) + _u64(len(data)) + data.tobytes()
-    else:
-        body = _u32(GGUFValueType.ARRAY) + _u32(GGUFValueType.STRING) + _u64(len(value))
-        body += b"".join(_gguf_str(v) for v in value)
-    return _gguf_str(key) + body
-
-
-def _array_field(reader: GGUFFile, key: str, item_type):
-    """(count, payload offset into the record's bytes, record bytes) of an array key of
-    ``item_type``; the fast header parser keeps neither string arrays nor numpy views."""
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    buf = bytes(reader.data[f.offset:f.end])
-    (n,) = struct.unpack_from("<Q", buf, 0)
-    vtype, itype, count = struct.unpack_from("<IIQ", buf, 8 + n)
-    if vtype != GGUFValueType.ARRAY or itype != item_type:
-        raise ExportError(f"GGUF key {key} has an unexpected type")
-    return count, 8 + n + 16, buf
-
-
-def string_array(reader: GGUFFile, key: str) -> Optional[list]:
-    found = _array_field(reader, key, GGUFValueType.STRING)
-    if found is None:
-        return None
-    count, off, buf = found
-    out = []
-    for _ in range(count):
-        (n,) = struct.unpack_from("<Q", buf, off)
-        out.append(buf[off + 8:off + 8 + n].decode("utf-8"))
-        off += 8 + n
-    return out
-
-
-def f32_array(reader: GGUFFile, key: str) -> Optional[np.ndarray]:
-    found = _array_field(reader, key, GGUFValueType.FLOAT32)
-    if found is None:
-        return None
-    count, off, buf = found
-    return np.frombuffer(buf, "<f4", count, off)
-
-
-# --- the fold history ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Record:
-    """What an earlier export did to one tensor: ``factor`` (G, n) along ``axis``, by
-    ``how``; ``base_type``: the tensor's ggml type in the original base."""
-
-    tensor: str
-    axis: str
-    how: str
-    base_type: str
-    factor: np.ndarray
-
-
-def read_history(reader: GGUFFile, path) -> Optional[dict]:
-    """``{tensor: Record}`` of a file exported earlier, None for a file without
-    ``gain_mlx.*`` keys (a base). Raises ExportError when the history is unknown or
-    does not fit the file, and when an earlier route cannot be undone."""
-    if not any(k.startswith(META_PREFIX) for k in reader.fields):
-        return None
-    version = reader.value(META_PREFIX + "history_version")
-    if version is None:
-        raise ExportError(
-            f"{path} has {META_PREFIX}* keys but no fold history (written by an older gain_mlx or "
-            "edited by hand): its gains cannot be divided out; export from the original base GGUF"
-        )
-    if version != HISTORY_VERSION:
-        raise ExportError(
-            f"{path}: fold history version {version} is unknown to this gain_mlx "
-            f"(reads {HISTORY_VERSION}); upgrade gain_mlx, or export from the original base GGUF"
-        )
-    lines, factors = string_array(reader, META_PREFIX + "edits"), f32_array(reader, META_PREFIX + "factors")
-    if lines is None or factors is None:
-        raise ExportError(f"{path}: the fold history is incomplete; export from the original base GGUF")
-    history, off = {}, 0
-    for line in lines:
-        try:
-            name, axis, how, base_type, g, n = line.split()
-            g, n = int(g), int(n)
-        except ValueError:
-            raise ExportError(f"{path}: unreadable fold history entry {line!r}; export from the original base GGUF") from None
-        factor = np.asarray(factors[off:off + g * n], dtype=np.float64).reshape(g, n)
-        off += g * n
-        history[name] = Record(name, axis, how, base_type, factor)
-    if off != len(factors):
-        raise ExportError(f"{path}: the fold history does not add up; export from the original base GGUF")
-    _check_history(reader, path, history)
-    return history
-
-
-def _check_history(reader, path, history: dict) -> None:
-    for r in history.values():
-        t = reader.by_name.get(r.tensor)
-        why = None
-        if t is None:
-            why = "is not in the file"
-        elif r.how not in INVERTIBLE:
-            what = {"q8_0": "rewritten as Q8_0", "requant": f"requantized to {r.base_type}"}.get(r.how, r.how)
-            raise ExportError(
-                f"{path}: {r.tensor} was {what} when its gains were folded in (--fallback {r.how}); that "
-                "cannot be divided back out: export from the original base GGUF (with --fallback f16, or an "
-                "adapter trained with --tie-kv, the result can switch domains later)"
-            )
-        elif r.base_type not in T.__members__ or r.axis not in ("rows", "columns", "elements"):
-            why = f"has an unknown type or axis ({r.base_type} {r.axis})"
-        elif (r.how == "scales" and t.tensor_type.name != r.base_type) or (r.how == "f16" and t.tensor_type != T.F16):
-            why = f"is {t.tensor_type.name}, its history says {r.base_type} ({r.how})"
-        elif r.factor.shape != _axis_len(t, r.axis):
-            why = f"does not fit its recorded factor {r.factor.shape}"
-        elif not (np.all(np.isfinite(r.factor)) and np.all(r.factor != 0)):
-            why = "has a recorded factor that is zero or not finite"
-        if why:
-            raise ExportError(
-                f"{path}: fold history does not match the file: {r.tensor} {why} "
-                "(changed after its export?); export from the original base GGUF"
-            )
-
-
-def new_history(ops: dict, src_tensors) -> list:
-    """Records of the output: per op, the factor folded in now and the route by which
-    the tensor differs from the base. A tensor back to its base state is dropped."""
-    out = []
-    for name, op in ops.items():
-        how = op.how
-        if how == "scales" and src_tensors[name].tensor_type.name != op.base_type:
-            how = "f16"  # converted by an earlier export and still F16
-        if how == "scales" and op.new is None:
-            continue
-        factor = op.new if op.new is not None else np.ones_like(op.old)
-        out.append(Record(name, op.axis, how, op.base_type, factor))
-    return out
-
-
-def provenance(config: dict, sha: str, ops: dict, src_tensors, fallback: str,
-               adapter_name: str = "", folds: int = 1) -> list:
-    """The ``gain_mlx.*`` records an export writes (unless ``--no-metadata``): what was
-    folded in (``sha``: ``provenance.gains_sha256`` of the adapter, as fuse records it),
-    and the fold history that lets a later export divide it out."""
-    records = new_history(ops, src_tensors)
-    factors = np.concatenate([r.factor.reshape(-1) for r in records]) if records else np.zeros(0)
-    return [
-        encode_kv(META_PREFIX + "variant", str(config.get("variant"))),
-        encode_kv(META_PREFIX + "tie_kv", bool(config.get("tie_kv"))),
-        encode_kv(META_PREFIX + "targets", [t["path"] for t in config["targets"]]),
-        encode_kv(META_PREFIX + "gains_sha256", sha),
-        encode_kv(META_PREFIX + "adapter", adapter_name),
-        encode_kv(META_PREFIX + "fallback", fallback),
-        encode_kv(META_PREFIX + "folds", int(folds)),
-        encode_kv(META_PREFIX + "fold", [f"{op.tensor} {op.axis} {op.how}" for op in ops.values() if op.new is not None]),
-        encode_kv(META_PREFIX + "history_version", HISTORY_VERSION),
-        encode_kv(META_PREFIX + "edits", [
-            f"{r.tensor} {r.axis} {r.how} {r.base_type} {r.factor.shape[0]} {r.factor.shape[1]}" for r in records
-        ]),
-        encode_kv(META_PREFIX + "factors", factors),
-    ]
-
-
-# --- writing the file ---------------------------------------------------------------
-
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP,
-                   errno.EPERM, errno.EBADF, errno.ETXTBSY}
-
-
-def _copy_chunk(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int) -> None:
-    """Copy bytes between files without passing them through Python where the kernel
-    can: copy_file_range (a reflink on btrfs/XFS when block-aligned), then sendfile,
-    then plain reads and writes."""
-    done = 0
-    if hasattr(os, "copy_file_range"):
-        try:
-            while done < count:
-                n = os.copy_file_range(src_fd, dst_fd, count - done, src_off + done, dst_off + done)
-                if n == 0:
-                    raise ExportError("the input GGUF ended while copying it (truncated while read?)")
-                done += n
-            return
-        except OSError as e:
-            if e.errno not in _NO_KERNEL_COPY:
-                raise
-    if hasattr(os, "sendfile") and os.uname().sysname == "Linux":
-        try:
-            os.lseek(dst_fd, dst_off + done, os.SEEK_SET)
-            while done < count:
-                n = os.sendfile(dst_fd, src_fd, src_off + done, count - done)
-                if n == 0:
-                    raise ExportError("the input GGUF ended while copying it (truncated while read?)")
-                done += n
-            return
-        except OSError as e:
-            if e.errno not in _NO_KERNEL_COPY:
-                raise
-    while done < count:
-        chunk = os.pread(src_fd, min(count - done, 16 << 20), src_off + done)
-        if not chunk:
-            raise ExportError("the input GGUF ended while copying it (truncated while read?)")
-        _pwrite_all(dst_fd, chunk, dst_off + done)
-        done += len(chunk)
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int) -> None:
-    """``_copy_chunk``, split at the first page boundary when source and destination are
-    congruent modulo the page size, so that the rest is block-aligned (reflinkable)."""
-    head = min(count, (-src_off) % PAGE) if (src_off - dst_off) % PAGE == 0 else 0
-    if head:
-        _copy_chunk(src_fd, dst_fd, src_off, dst_off, head)
-    if count - head:
-        _copy_chunk(src_fd, dst_fd, src_off + head, dst_off + head, count - head)
-
-
-def _align(n: int, alignment: int) -> int:
-    return -(-n // alignment) * alignment
-
-
-def _pad_record(header_len: int, want_mod: int, alignment: int) -> bytes:
-    """A ``gain_mlx.pad`` string record that makes the data section start at an offset
-    congruent to ``want_mod`` modulo PAGE (empty when the alignment does not allow it)."""
-    if PAGE % alignment or want_mod % alignment:
-        return b""
-    empty = len(encode_kv(PAD_KEY, ""))
-    start = header_len + empty
-    target = start + (want_mod - start) % PAGE
-    return encode_kv(PAD_KEY, " " * (target - start))
-
-
-def rewrite(reader: GGUFFile, path, replace: dict, drop=lambda key: False, add_kv=()) -> None:
-    """Write ``reader``'s file to ``path`` with some tensors replaced and some metadata
-    dropped / added; everything else is copied byte for byte (by the kernel).
-
-    replace: ``{tensor name: (new ggml type, function returning the new bytes)}``, each
-    called once, in file order (one tensor in memory at a time). With ``add_kv``, a
-    padding key keeps the data section's offset modulo the page size.
-    """
-    src_path = reader.data.filename
-    kept = [f for f in reader.fields.values() if not drop(f.name) and f.name != PAD_KEY]
-    unchanged = not replace and not add_kv and len(kept) == len(reader.fields)
-    mem = reader.data
-    types = {t.name: replace[t.name][0] if t.name in replace else t.tensor_type for t in reader.tensors}
-    offsets, off = {}, 0
-    for t in reader.tensors:
-        block, size = GGML_QUANT_SIZES[types[t.name]]
-        offsets[t.name] = off
-        off = _align(off + t.n_elements // block * size, reader.alignment)
-    data_len = off
-    records = [bytes(mem[f.offset:f.end]) for f in kept] + list(add_kv)
-    infos = b"".join(
-        _gguf_str(t.name) + _u32(len(t.shape)) + b"".join(_u64(d) for d in t.shape)
-        + _u32(types[t.name]) + _u64(offsets[t.name])
-        for t in reader.tensors
-    )
-
-    def header(records):
-        return bytes(mem[:8]) + _u64(len(reader.tensors)) + _u64(len(records)) + b"".join(records) + infos
-
-    if add_kv:
-        pad = _pad_record(len(header(records)), reader.data_start % PAGE, reader.alignment)
-        if pad:
-            records.append(pad)
-    head = header(records)
-    start = _align(len(head), reader.alignment)
-    src_size = len(mem)
-    with open(src_path, "rb") as fin, open(path, "wb") as fout:
-        src_fd, dst_fd = fin.fileno(), fout.fileno()
-        if unchanged:  # the whole file, header included
-            copy_range(src_fd, dst_fd, 0, 0, src_size)
-            return
-        os.pwrite(dst_fd, head + b"\0" * (start - len(head)), 0)
-        if not replace:  # one shift for the whole data section, to the end of the file
-            copy_range(src_fd, dst_fd, reader.data_start, start, src_size - reader.data_start)
-            return
-        # runs of tensors that keep their relative place are copied in one call each
-        run = None  # (source offset, destination offset, length)
-        for t in reader.tensors:
-            dst = start + offsets[t.name]
-            if t.name in replace:
-                if run:
-                    copy_range(src_fd, dst_fd, *run)
-                    run = None
-                _pwrite_all(dst_fd, np.ascontiguousarray(replace[t.name][1]()).reshape(-1), dst)
-                continue
-            if run and t.data_offset - run[0] == dst - run[1]:  # same shift: one copy
-                run = (run[0], run[1], t.data_offset + t.n_bytes - run[0])
-            else:
-                if run:
-                    copy_range(src_fd, dst_fd, *run)
-                run = (t.data_offset, dst, t.n_bytes)
-        if run:
-            copy_range(src_fd, dst_fd, *run)
-        fout.truncate(start + data_len)
 
 
 # --- the export ---------------------------------------------------------------------

@@ -145,3 +145,15 @@ class GGUFFile:
         for _ in range(count):  # nested arrays: skipped, not kept
             self._value(itype)
         return None
+
+
+def raw_rows(t) -> np.ndarray:
+    """Raw bytes of a tensor as ``(G, rows, row_bytes)``; G = experts (1 if none)."""
+    dims = [int(d) for d in t.shape]
+    rows = dims[1] if len(dims) > 1 else 1
+    groups = int(np.prod(dims[2:])) if len(dims) > 2 else 1
+    return t.data.view(np.uint8).reshape(groups, rows, -1)
+
+
+def n_cols(t) -> int:
+    return int(t.shape[0])
