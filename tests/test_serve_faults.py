@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gain_mlx import serve
+from gain_mlx import serve, serve_engine
 from test_serve import make_adapter
 
 hypothesis = pytest.importorskip("hypothesis", reason="the fuzz cases need hypothesis (in the dev extra)")
@@ -95,13 +95,13 @@ def still_right(setup):
 @pytest.fixture
 def slow_model(monkeypatch):
     """Each forward pass takes >= 20 ms, so that a generation is still running when the test acts."""
-    real = serve._RowModel.__call__
+    real = serve_engine._RowModel.__call__
 
     def slow(self, *args, **kwargs):
         time.sleep(0.02)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(serve._RowModel, "__call__", slow)
+    monkeypatch.setattr(serve_engine._RowModel, "__call__", slow)
 
 
 def _is_error(status, obj):
