@@ -18,7 +18,6 @@ import hmac
 import json
 import logging
 import math
-import queue
 import select
 import socket
 import sys
@@ -63,8 +62,8 @@ from .serve_validation import (
     parse_params,
     parse_stop,
     text_prompts,
-    token_texts,
 )
+from .serve_text import run_job, token_texts
 
 log = logging.getLogger("gain_mlx.serve")
 
@@ -95,81 +94,6 @@ def api_error(e) -> APIError:
         return e
     status, type_, code = ENGINE_STATUS[type(e)]
     return APIError(status, str(e), type_=type_, param=e.param, code=code)
-
-
-# ---------------------------------------------------------------- text out
-
-
-class TextStream:
-    """Detokenizes a job's tokens and applies the request's stop strings."""
-
-    def __init__(self, tokenizer, stop):
-        self.detok = tokenizer.detokenizer
-        self.stop = stop
-        self.held = ""
-
-    def push(self, token, final):
-        """Text that can be sent now, and whether a stop string ended the text."""
-        if token is not None:
-            self.detok.add_token(token)
-        if final:
-            self.detok.finalize()
-        self.held += self.detok.last_segment
-        for s in self.stop:
-            i = self.held.find(s)
-            if i >= 0:
-                out, self.held = self.held[:i], ""
-                return out, True
-        if final:
-            out, self.held = self.held, ""
-            return out, False
-        keep = max((k for s in self.stop for k in range(len(s) - 1, 0, -1) if self.held.endswith(s[:k])), default=0)
-        out = self.held[: len(self.held) - keep]
-        self.held = self.held[len(out):]
-        return out, False
-
-
-class ClientGone(ConnectionError):
-    """The client closed its connection: its generation is cancelled."""
-
-
-def run_job(engine: Engine, job: Job, stop: list, timeout: float = 600, gone=None, keep_eos=False):
-    """Yields ``(text, token, logprob, top, finish_reason)`` as the job's tokens arrive.
-    ``gone()`` is polled a few times a second: when true the job is cancelled. The
-    end-of-sequence token is yielded (with no text) only when ``keep_eos``."""
-    text = TextStream(engine.tokenizer, stop)
-    eos = engine.tokenizer.eos_token_ids
-    deadline = time.monotonic() + timeout
-    next_check = 0.0
-    while True:
-        now = time.monotonic()
-        if gone is not None and now >= next_check:
-            next_check = now + 0.2
-            if gone():
-                engine.cancel(job)
-                raise ClientGone("the client went away")
-        try:
-            ev = job.events.get(timeout=0.2 if gone is not None else max(deadline - now, 0))
-        except queue.Empty:
-            if time.monotonic() < deadline:
-                continue
-            engine.cancel(job)
-            raise APIError(504, f"no token within {timeout} s", type_="server_error") from None
-        deadline = time.monotonic() + timeout
-        if ev.error is not None:
-            raise ev.error
-        is_eos = ev.finish_reason == "stop" and ev.token in eos
-        chunk, stopped = text.push(None if is_eos else ev.token, ev.finish_reason is not None)
-        if stopped:
-            engine.cancel(job)
-            yield chunk, ev.token, ev.logprob, ev.top, "stop"
-            return
-        if is_eos:
-            yield (chunk, ev.token, ev.logprob, ev.top, "stop") if keep_eos else (chunk, None, None, (), "stop")
-            return
-        yield chunk, ev.token, ev.logprob, ev.top, ev.finish_reason
-        if ev.finish_reason is not None:
-            return
 
 
 # ---------------------------------------------------------------- HTTP

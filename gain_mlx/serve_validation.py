@@ -196,19 +196,6 @@ def text_prompts(tokenizer, prompt, token_limit=None) -> list:
     return out
 
 
-def token_texts(tokenizer, ids) -> list:
-    """The text each token adds to the decoded text (so that they join to it exactly)."""
-    detok = tokenizer.detokenizer
-    out = []
-    for t in ids:
-        detok.add_token(t)
-        out.append(detok.last_segment)
-    detok.finalize()
-    if out:
-        out[-1] += detok.last_segment
-    return out
-
-
 def parse_body(raw: bytes) -> dict:
     """A request body as a JSON object: strict JSON (no NaN or Infinity), nesting within
     Python's limits, text that is valid Unicode (no lone surrogates)."""
