@@ -188,6 +188,13 @@ BOTH_POLICIES = {
 }
 
 
+def pytest_collection_modifyitems(items):
+    """Tests on the real SmolLM2 model are slow too (``pytest -m "not slow"`` leaves them out)."""
+    for item in items:
+        if item.get_closest_marker("real") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_generate_tests(metafunc):
     name = f"{metafunc.module.__name__.rsplit('.', 1)[-1]}.py::{metafunc.function.__name__}"
     if name in BOTH_POLICIES:

@@ -21,7 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
-pytestmark = pytest.mark.skipif(LAUNCH is None, reason="mlx.launch (from the mlx package) not found")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(LAUNCH is None, reason="mlx.launch (from the mlx package) not found")]
 
 TRAIN_ARGS = [
     "--batch-size", "4", "--max-seq-length", "24", "--iters", "4", "--learning-rate", "1e-2",

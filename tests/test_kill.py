@@ -28,6 +28,8 @@ from gain_mlx.train import CHECKPOINT_FILE
 from gguf_fixtures import tiny_for_gguf, write_gguf  # noqa: E402
 from test_faults import assert_one_line, digest  # noqa: E402
 
+pytestmark = pytest.mark.slow  # each test runs and kills CLI processes
+
 ROOT = Path(__file__).resolve().parents[1]
 KILL_AT = Path(__file__).resolve().parent / "kill_at.py"
 ENV = {"OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
