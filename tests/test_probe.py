@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlx_lm import load
 
-from gain_mlx import probe as P
+from gain_mlx.experiments import probe as P
 from gain_mlx.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))

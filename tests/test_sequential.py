@@ -12,7 +12,7 @@ import pytest
 from mlx_lm import load
 
 from conftest import EXAMPLE_DATA
-from gain_mlx import sequential
+from gain_mlx.experiments import sequential
 from gain_mlx.errors import UsageError
 from gain_mlx.train import evaluate_loss
 
@@ -176,7 +176,7 @@ def test_lora_runs_do_not_depend_on_what_ran_before(tmp_path, tiny_model_dir):
 def test_seeds_probe_and_per_run_files(tmp_path, tiny_model_dir):
     from test_probe import _write_probe
 
-    from gain_mlx.probe import load_probe, score
+    from gain_mlx.experiments.probe import load_probe, score
 
     _write_probe(tmp_path / "probe.jsonl")
     args = _args(tmp_path, tiny_model_dir, "--control", "none", "--methods", "gain-ffn,lora", "--lr", "gain-ffn=1e-2",
