@@ -182,6 +182,21 @@ def test_rewrite_without_changes_is_byte_identical(tmp_path):
     assert (tmp_path / "copy.gguf").read_bytes() == base.read_bytes()
 
 
+@pytest.mark.parametrize("without", [("copy_file_range",), ("copy_file_range", "sendfile")])
+def test_rewrite_falls_back_when_the_kernel_cannot_copy(tmp_path, monkeypatch, without):
+    """copy_file_range refused (EXDEV: another file system), then sendfile (ENOSYS): the
+    next way takes over and the copy is still byte for byte."""
+    import errno
+    import os
+
+    base = write_random_gguf(tmp_path / "base.gguf", tiny_for_gguf("llama", **SIZES), T.Q4_1)
+    for name, code in zip(without, (errno.EXDEV, errno.ENOSYS)):
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, lambda *a, code=code: (_ for _ in ()).throw(OSError(code, "refused")))
+    rewrite(GGUFFile(base), tmp_path / "copy.gguf", {})
+    assert (tmp_path / "copy.gguf").read_bytes() == base.read_bytes()
+
+
 # --- untied GQA attention gains on a K-quant target: the fallbacks --------------------
 
 @pytest.fixture

@@ -56,37 +56,34 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, er
 def _copy_chunk(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int) -> None:
     """Copy bytes between files without passing them through Python where the kernel
     can: copy_file_range (a reflink on btrfs/XFS when block-aligned), then sendfile,
-    then plain reads and writes."""
-    done = 0
-    if hasattr(os, "copy_file_range"):
-        try:
-            while done < count:
-                n = os.copy_file_range(src_fd, dst_fd, count - done, src_off + done, dst_off + done)
-                if n == 0:
-                    raise ExportError("the input GGUF ended while copying it (truncated while read?)")
-                done += n
-            return
-        except OSError as e:
-            if e.errno not in _NO_KERNEL_COPY:
-                raise
-    if hasattr(os, "sendfile") and os.uname().sysname == "Linux":
-        try:
-            os.lseek(dst_fd, dst_off + done, os.SEEK_SET)
-            while done < count:
-                n = os.sendfile(dst_fd, src_fd, src_off + done, count - done)
-                if n == 0:
-                    raise ExportError("the input GGUF ended while copying it (truncated while read?)")
-                done += n
-            return
-        except OSError as e:
-            if e.errno not in _NO_KERNEL_COPY:
-                raise
-    while done < count:
+    then plain reads and writes. Each way takes over where the one before stopped."""
+
+    def copy_file_range(done):
+        return os.copy_file_range(src_fd, dst_fd, count - done, src_off + done, dst_off + done)
+
+    def sendfile(done):
+        os.lseek(dst_fd, dst_off + done, os.SEEK_SET)
+        return os.sendfile(dst_fd, src_fd, src_off + done, count - done)
+
+    def read_write(done):
         chunk = os.pread(src_fd, min(count - done, 16 << 20), src_off + done)
-        if not chunk:
-            raise ExportError("the input GGUF ended while copying it (truncated while read?)")
         _pwrite_all(dst_fd, chunk, dst_off + done)
-        done += len(chunk)
+        return len(chunk)
+
+    ways = [copy_file_range] if hasattr(os, "copy_file_range") else []
+    ways += [sendfile] if hasattr(os, "sendfile") and os.uname().sysname == "Linux" else []
+    done = 0
+    for copy in ways + [read_write]:
+        try:
+            while done < count:
+                n = copy(done)
+                if n == 0:
+                    raise ExportError("the input GGUF ended while copying it (truncated while read?)")
+                done += n
+            return
+        except OSError as e:
+            if copy is read_write or e.errno not in _NO_KERNEL_COPY:
+                raise
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
