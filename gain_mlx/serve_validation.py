@@ -5,8 +5,11 @@ completions and chat requests, prompts and messages. Each problem is an
 
 import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
-from .serve_engine import Params
+from .serve_engine import BASE_ALIASES, DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS, Job, Params
 
 MAX_PROMPTS = 256  # prompts in one completions request
 MAX_LOGIT_BIAS = 1024  # entries in one logit_bias
@@ -194,6 +197,83 @@ def text_prompts(tokenizer, prompt, token_limit=None) -> list:
         else:
             out.append(list(p))
     return out
+
+
+def adapter_of(body, e) -> Optional[str]:
+    """The adapter a request names in 'model' or mlx_lm.server's 'adapters' (None: the base)."""
+    model = get_field(body, "model", str, None)
+    adapters = get_field(body, "adapters", str, None)
+    by_model = None
+    if model is not None and model != e.base_name and model not in BASE_ALIASES and model != str(e.model_spec):
+        if model not in e.adapter_names():
+            raise APIError(404, f"the model '{model}' does not exist: GET /v1/models lists the base and its adapters", param="model", code="model_not_found")
+        by_model = model
+    if adapters is None:
+        return by_model
+    names = e.adapter_names()
+    by_path = {i["path"]: i["id"] for i in e.adapter_info()} | {i["resolved_path"]: i["id"] for i in e.adapter_info()}
+    try:
+        resolved = str(Path(adapters).resolve()) if adapters not in names else None
+    except (ValueError, OSError):
+        resolved = None
+    name = adapters if adapters in names else by_path.get(adapters) or by_path.get(resolved)
+    if name is None:
+        raise APIError(404, f"adapter '{adapters[:200]}' is not loaded: load it with POST /v1/adapters", param="adapters", code="model_not_found")
+    if by_model is not None and by_model != name:
+        raise APIError(400, f"'model' names adapter '{by_model}' but 'adapters' names '{name}'", param="adapters", code="invalid_value")
+    return name
+
+
+@dataclass
+class Request:
+    """A checked completions or chat request: its jobs (one per prompt) and output options."""
+
+    jobs: list
+    adapter: Optional[str]
+    params: Params
+    stop: list
+    echo: bool
+    stream: bool
+    include_usage: bool
+
+
+def parse_request(body: dict, e, chat: bool, default_max_tokens: int) -> Request:
+    """A completions (or chat) request checked against the engine ``e``: one job per prompt,
+    each within the model's prompt and context limits."""
+    check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
+    stream = get_field(body, "stream", bool, False)
+    include_usage = stream and bool((get_field(body, "stream_options", dict, {}) or {}).get("include_usage"))
+    adapter = adapter_of(body, e)
+    params = parse_params(body, default_max_tokens, chat, e.vocab_size)
+    stop = parse_stop(body)
+    echo = not chat and get_field(body, "echo", bool, False)
+    if chat:
+        prompts = [chat_prompt(e.tokenizer, parse_messages(body))]
+    else:
+        prompts = text_prompts(e.tokenizer, get_field(body, "prompt", (str, list)), e.token_limit)
+    field_ = "messages" if chat else "prompt"
+    if params.max_tokens == 0 and not echo:
+        raise APIError(400, "'max_tokens' must be >= 1 (0 only with 'echo')", param="max_tokens", code="invalid_value")
+    if stream and (echo or len(prompts) > 1):
+        raise APIError(400, "'stream' takes one prompt without 'echo'", param="stream", code="invalid_value")
+    jobs = []
+    for ids in prompts:
+        if not ids:
+            raise APIError(400, "the prompt is empty", param=field_, code="invalid_value")
+        if len(ids) > e.max_prompt_tokens:
+            raise APIError(400, f"this model's maximum prompt length is {e.max_prompt_tokens} tokens, the prompt has {len(ids)}",
+                           param=field_, code="context_length_exceeded")
+        p = params
+        # a model that does not say: a bound all the same
+        context = e.context_length or max(DEFAULT_MAX_PROMPT_TOKENS, e.max_prompt_tokens + DEFAULT_MAX_TOKENS)
+        room = context - len(ids)
+        if p.max_tokens > room:  # capped by the context
+            if room < 1 and not echo:
+                raise APIError(400, f"the prompt fills this model's context of {context} tokens: no room to generate",
+                               param=field_, code="context_length_exceeded")
+            p = Params(**{**vars(params), "max_tokens": max(room, 0)})
+        jobs.append(Job(prompt=ids, adapter=adapter, params=p, score=echo and p.logprobs))
+    return Request(jobs, adapter, params, stop, echo, stream, include_usage)
 
 
 def parse_body(raw: bytes) -> dict:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gain_mlx import serve, serve_engine
+from gain_mlx import serve, serve_engine, serve_validation
 from test_serve import make_adapter
 
 hypothesis = pytest.importorskip("hypothesis", reason="the fuzz cases need hypothesis (in the dev extra)")
@@ -116,7 +116,7 @@ _scalars = st.one_of(
     st.text(max_size=12), st.sampled_from(["", "legal", "medical", "model", "\x00", "\ud800x", "court", "1"]),
 )
 _values = st.recursive(_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4), max_leaves=8)
-_FIELDS = sorted(serve.COMPLETION_FIELDS | serve.CHAT_FIELDS | {"nope", "response_format"})
+_FIELDS = sorted(serve_validation.COMPLETION_FIELDS | serve_validation.CHAT_FIELDS | {"nope", "response_format"})
 
 
 @st.composite
