@@ -15,7 +15,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .files import atomic_write, save_safetensors
 from .arch import Target, find_targets, get_module, head_layout, input_dims
 from .layers import GAIN_LAYERS, GainLinear, GainSwitchLinear
@@ -46,7 +46,7 @@ def _wrap(layer, target: Target, model) -> nn.Module:
     if hasattr(layer, "num_experts"):
         return GainSwitchLinear(layer)
     if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
-        raise ValueError(f"{target.path} is a {type(layer).__name__}, not a linear layer")
+        raise ConfigError(f"{target.path} is a {type(layer).__name__}, not a linear layer: --targets names linear layers")
     if target.tied:
         lay = head_layout(model)
         return GainLinear(layer, (lay.n_kv_heads, lay.head_dim), lay.n_heads // lay.n_kv_heads)
