@@ -361,6 +361,33 @@ def test_float_target_takes_columns_exactly(tmp_path):
 
 # --- metadata -------------------------------------------------------------------------
 
+def test_hub_id_adapter_and_one_gains_hash(tmp_path, monkeypatch):
+    """--adapter-path takes a Hub repo id (from the Hub cache, offline) as generate and serve
+    do; the GGUF records the gains file's SHA-256, the value fuse records in fold_plan.json."""
+    import hashlib
+    import shutil
+
+    import huggingface_hub.constants as C
+
+    base = write_random_gguf(tmp_path / "base.gguf", tiny_for_gguf("llama", **SIZES), T.Q4_1)
+    adapter = make_adapter(tmp_path / "adapter", tiny_for_gguf("llama", **SIZES))
+    repo = tmp_path / "hub" / "models--someone--legal-gain"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(adapter, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    export_gguf(base, adapter, tmp_path / "local.gguf", log=lambda s: None)
+    export_gguf(base, "someone/legal-gain", tmp_path / "hub.gguf", log=lambda s: None)
+    local, hub = GGUFReader(tmp_path / "local.gguf"), GGUFReader(tmp_path / "hub.gguf")
+    assert hub.get_field("gain_mlx.adapter").contents() == "someone/legal-gain"
+    for t in local.tensors:
+        assert np.array_equal(np.asarray(t.data), np.asarray(hub.get_tensor(local.tensors.index(t)).data)), t.name
+    want = hashlib.sha256((adapter / "gains.safetensors").read_bytes()).hexdigest()
+    assert local.get_field("gain_mlx.gains_sha256").contents() == want == hub.get_field("gain_mlx.gains_sha256").contents()
+
+
 def test_metadata_adds_provenance_and_keeps_tensors(tmp_path):
     """Provenance and fold history are written by default; --no-metadata keeps the
     header byte-identical."""

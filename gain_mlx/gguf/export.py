@@ -513,7 +513,7 @@ def export_gguf(
     if check_rows < 0:
         raise ExportError(f"--check-rows must be >= 0, not {check_rows}")
     _check_paths(gguf_path, out_path, force)
-    adapter_path = resolve_adapter(adapter_path)
+    spec, adapter_path = adapter_path, resolve_adapter(adapter_path)
     config, stored = read_adapter(adapter_path)
     src = _open(gguf_path)
     history = read_history(src, gguf_path)
@@ -522,7 +522,7 @@ def export_gguf(
     check_gguf_fit(src, table, config, targets, adapter_path, history)
     layout = _layout(src, table, targets)
     gains = full_gains(targets, stored, layout)
-    adapter_name = Path(adapter_path).resolve().name
+    adapter_name = Path(spec).resolve().name if Path(spec).exists() else str(spec)  # a Hub id as given
     if history is not None:
         before = src.value(META_PREFIX + "adapter") or "?"
         folds = int(src.value(META_PREFIX + "folds") or 1)
