@@ -11,6 +11,10 @@ fingerprint when loaded.
 Endpoints: ``GET /v1/models``, ``GET /v1/models/ID``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``"stream": true`` for server-sent events),
 ``GET|POST /v1/adapters``, ``DELETE /v1/adapters/NAME``, ``GET /health``.
+
+This module is the HTTP side and the CLI: the engine is ``serve_engine``, the request
+validation ``serve_validation``, the text out ``serve_text``; engine errors become HTTP
+statuses in one table, ``ENGINE_STATUS``.
 """
 
 import argparse
