@@ -42,11 +42,25 @@ def adapter_list(adapter_path=None, adapters=None) -> list:
     return out
 
 
-def _check_tasks(task_manager, tasks):
+def _unknown(task_manager, tasks) -> list:
     known = set(task_manager.all_tasks)
-    unknown = [t for t in tasks if t not in known and not task_manager.match_tasks([t])]
+    return [t for t in tasks if t not in known and not task_manager.match_tasks([t])]
+
+
+def task_manager(tasks, include_path=None):
+    """lm-eval's ``TaskManager``; only ``include_path`` is indexed when it holds every task
+    (indexing lm-eval's own ~14,000 YAMLs takes 10-30 s)."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path:
+        tm = TaskManager(include_path=str(include_path), include_defaults=False)
+        if not _unknown(tm, tasks):
+            return tm
+    tm = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = _unknown(tm, tasks)
     if unknown:
         raise UserError(f"unknown task(s) {', '.join(unknown)}: see `lm-eval ls tasks`, or pass --include-path with your task YAMLs")
+    return tm
 
 
 def evaluate(model=None, adapters=(), tasks=(), *, include_path=None, num_fewshot=None, limit=None, batch_size=8,
@@ -54,14 +68,14 @@ def evaluate(model=None, adapters=(), tasks=(), *, include_path=None, num_fewsho
              log_samples=False) -> dict:
     """Evaluate ``tasks`` on the base ``model`` and each ``(name, adapter path)``.
 
-    Returns ``{"models": {name: lm-eval's output}, "stats": batching counters, "seconds": ...}``;
+    Returns ``{"models": {name: lm-eval's output}, "stats": batching counters, "seconds": total,
+    "setup_seconds": task index and model load}``;
     ``"base"`` comes first unless ``include_base`` is False.
     """
     require_lm_eval()
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    from .adapter import AdapterError
+    from .adapter import AdapterError, read_adapter
     from .generate import load
     from .hub import resolve_adapter
     from .lmeval import GainLM, Runner
@@ -70,30 +84,33 @@ def evaluate(model=None, adapters=(), tasks=(), *, include_path=None, num_fewsho
     if batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     start = time.perf_counter()
-    task_manager = TaskManager(include_path=str(include_path) if include_path else None)
-    _check_tasks(task_manager, tasks)
+    paths = {name: resolve_adapter(path) for name, path in adapters}
+    for path in paths.values():
+        read_adapter(path)  # a missing or broken folder fails before tasks and model load
+    manager = task_manager(tasks, include_path)
     model_, tokenizer = load(model, None)
     aset = AdapterSet(model_)
     for name, path in adapters:
         try:
-            aset.add(name, resolve_adapter(path), source=f"adapter '{name}' ({path})")
+            aset.add(name, paths[name], source=f"adapter '{name}' ({path})")
         except (AdapterError, ValueError) as e:
             raise UserError(str(e)) from None
     names = ([BASE] if include_base else []) + [n for n, _ in adapters]
     rows = [aset.row(None if n == BASE else n) for n in names]
     runner = Runner(model_, tokenizer, aset, rows, batch_size, max_length, max_gen_tokens)
+    setup = time.perf_counter() - start
     out = {}
     for name, row in zip(names, rows):
         try:
             out[name] = lm_eval.simple_evaluate(
                 model=GainLM(runner, row, name), tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                task_manager=task_manager, apply_chat_template=apply_chat_template,
+                task_manager=manager, apply_chat_template=apply_chat_template,
                 fewshot_as_multiturn=bool(apply_chat_template), log_samples=log_samples, random_seed=seed,
                 numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             )
         except (ValueError, KeyError) as e:  # lm-eval's errors for a bad task or data
             raise UserError(f"lm-eval: {type(e).__name__}: {e}") from None
-    return {"models": out, "stats": runner.stats, "seconds": time.perf_counter() - start}
+    return {"models": out, "stats": runner.stats, "seconds": time.perf_counter() - start, "setup_seconds": setup}
 
 
 def _metrics(task_results: dict) -> dict:

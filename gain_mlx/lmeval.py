@@ -12,7 +12,6 @@ token). Importing this module needs lm-eval.
 import json
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
@@ -89,9 +88,8 @@ class Runner:
                 targets[j, lo : lo + len(c)] = c
                 mask[j, lo : lo + len(c)] = True
             logits = self._forward([items[i][1] for i in idx], mx.array(inputs))[:, start:].astype(mx.float32)
-            logprobs = nn.log_softmax(logits, axis=-1)
             tgt, m = mx.array(targets), mx.array(mask)
-            picked = mx.take_along_axis(logprobs, tgt[..., None], axis=-1)[..., 0]
+            picked = mx.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
             scores = mx.where(m, picked, 0.0).sum(axis=-1)
             greedy = mx.all(mx.where(m, mx.argmax(logits, axis=-1) == tgt, True), axis=-1)
             for i, sc, g in zip(idx, scores.tolist(), greedy.tolist()):
