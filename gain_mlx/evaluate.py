@@ -215,7 +215,8 @@ def main(argv=None):
           f"({s['mixed_passes']} mixed several adapters, up to {s['max_batch']} sequences)")
     if args.output_dir:
         write_outputs(args.output_dir, result, text)
-        print(f"Wrote {args.output_dir}/{{{','.join(result['models'])}}}.json and table.md")
+        files = ", ".join(f"{n}.json" for n in result["models"])
+        print(f"Wrote {files} and table.md in {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -94,3 +94,41 @@ def test_without_lm_eval_says_how_to_install(monkeypatch, capsys):
         main(["--tasks", MC])
     assert e.value.code == 1
     assert capsys.readouterr().err.strip() == "error: lm-eval is not installed: pip install 'gain-mlx[eval]' (lm-eval==0.4.13; it needs no torch)"
+
+
+def _windowed_loglikelihood(model, tok, text, L):
+    """Rolling loglikelihood with a context of at most ``L`` tokens, as lm-eval windows it:
+    the first ``L`` tokens follow the prefix token; each later block of up to ``L`` tokens
+    is scored in one ``L``-token forward pass that ends just before its last token."""
+    from lmeval_fixtures import position_logprobs
+
+    t = tok.encode(text, add_special_tokens=False)
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    first = min(L, len(t))
+    lp = position_logprobs(model, [prefix] + t[: first - 1])
+    total, done = sum(lp[i, t[i]] for i in range(first)), first
+    while done < len(t):
+        k = min(len(t) - done, L)
+        inp = t[done + k - L - 1 : done + k - 1]
+        lp = position_logprobs(model, inp)
+        total += sum(lp[len(inp) - k + i, t[done + i]] for i in range(k))
+        done += k
+    return float(total)
+
+
+@requires_lmeval
+def test_rolling_windows_with_short_context(lmeval_env):
+    """--max-length 8: documents of ~20 tokens span several windows, batched across adapters."""
+    from lmeval_fixtures import PPL_DOCS
+
+    from gain_mlx.evaluate import evaluate
+
+    env = lmeval_env
+    out = evaluate(env.model_dir, list(env.adapters.items()), [PPL], include_path=env.include_path,
+                   batch_size=5, max_length=8)
+    for name, res in out["models"].items():
+        model, tok = env.fused(name)
+        total = sum(_windowed_loglikelihood(model, tok, text, 8) for text in PPL_DOCS)
+        words = sum(len(text.split()) for text in PPL_DOCS)
+        assert math.isclose(res["results"][PPL]["word_perplexity,none"], math.exp(-total / words), rel_tol=1e-4), name
+        assert abs(total - env.reference[name][PPL]["loglikelihood"]) > 1e-2  # the windows cut context
