@@ -17,6 +17,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 
 DEFAULT_MAX_LENGTH = 2048
+CHUNK_ELEMENTS = 1 << 27  # logits per forward chunk (512 MB of float32)
 
 
 def _stop_at(text: str, until) -> str:
@@ -45,15 +46,14 @@ class Runner:
             self.cache.update(zip(items, compute(items)))
         return [self.cache[(k, row)] for k in keys]
 
-    def _forward(self, batch_rows, tokens):
+    def _forward(self, batch_rows, tokens, cache=None):
         s = self.stats
         s["forward_passes"] += 1
         s["max_batch"] = max(s["max_batch"], len(batch_rows))
         s["mixed_passes"] += len(set(batch_rows)) > 1
-        s["sequences"] += len(batch_rows)
         self.adapters.select(batch_rows)
         try:
-            return self.model(tokens)
+            return self.model(tokens, cache=cache)
         finally:
             self.adapters.select(None)
 
@@ -77,24 +77,41 @@ class Runner:
                 (_, ctx, cont), _ = items[i]
                 seqs.append((list(ctx) + list(cont))[-(self.max_length + 1) :][:-1])
                 conts.append(list(cont)[-len(seqs[-1]) :])  # what a truncated window can score
-            T = max(len(s) for s in seqs)
-            start = min(len(s) - len(c) for s, c in zip(seqs, conts))
-            inputs = np.zeros((len(seqs), T), dtype=np.int32)
-            targets = np.zeros((len(seqs), T - start), dtype=np.int32)
-            mask = np.zeros((len(seqs), T - start), dtype=bool)
-            for j, (s, c) in enumerate(zip(seqs, conts)):
-                inputs[j, : len(s)] = s
-                lo = len(s) - len(c) - start
-                targets[j, lo : lo + len(c)] = c
-                mask[j, lo : lo + len(c)] = True
-            logits = self._forward([items[i][1] for i in idx], mx.array(inputs))[:, start:].astype(mx.float32)
-            tgt, m = mx.array(targets), mx.array(mask)
-            picked = mx.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
-            scores = mx.where(m, picked, 0.0).sum(axis=-1)
-            greedy = mx.all(mx.where(m, mx.argmax(logits, axis=-1) == tgt, True), axis=-1)
-            for i, sc, g in zip(idx, scores.tolist(), greedy.tolist()):
-                out[i] = (sc, bool(g))
+            for i, result in zip(idx, self._score_batch([items[i][1] for i in idx], seqs, conts)):
+                out[i] = result
         return out
+
+    def _score_batch(self, rows, seqs, conts):
+        """Right-padded sequences, run in chunks of positions through one KV cache, so that
+        logits (and attention) stay within ``CHUNK_ELEMENTS`` however long the documents."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        B, T = len(seqs), max(len(s) for s in seqs)
+        inputs = np.zeros((B, T), dtype=np.int32)
+        targets = np.zeros((B, T), dtype=np.int32)  # position p predicts targets[:, p]
+        mask = np.zeros((B, T), dtype=bool)
+        for j, (s, c) in enumerate(zip(seqs, conts)):
+            inputs[j, : len(s)] = s
+            targets[j, len(s) - len(c) : len(s)] = c
+            mask[j, len(s) - len(c) : len(s)] = True
+        first = int(mask.any(axis=0).argmax())  # positions before it score nothing
+        vocab = getattr(self.model.args, "vocab_size", None) or 32000
+        step = max(16, CHUNK_ELEMENTS // (B * vocab))
+        cache = make_prompt_cache(self.model) if T > step else None
+        self.stats["sequences"] += B
+        scores, greedy = mx.zeros((B,)), mx.ones((B,), dtype=mx.bool_)
+        for lo in range(0, T, step):
+            logits = self._forward(rows, mx.array(inputs[:, lo : lo + step]), cache)
+            if lo + step <= first:
+                mx.eval([c.state for c in cache])
+                continue
+            logits = logits.astype(mx.float32)
+            tgt, m = mx.array(targets[:, lo : lo + step]), mx.array(mask[:, lo : lo + step])
+            picked = mx.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
+            scores = scores + mx.where(m, picked, 0.0).sum(axis=-1)
+            greedy = greedy & mx.all(mx.where(m, mx.argmax(logits, axis=-1) == tgt, True), axis=-1)
+            mx.eval(scores, greedy)
+        return [(sc, bool(g)) for sc, g in zip(scores.tolist(), greedy.tolist())]
 
     # -- generation
 
