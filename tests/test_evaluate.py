@@ -134,3 +134,14 @@ def test_rolling_windows_with_short_context(lmeval_env):
         words = sum(len(text.split()) for text in PPL_DOCS)
         assert math.isclose(res["results"][PPL]["word_perplexity,none"], math.exp(-total / words), rel_tol=1e-4), name
         assert abs(total - env.reference[name][PPL]["loglikelihood"]) > 1e-2  # the windows cut context
+
+
+def test_adapter_list_names():
+    from gain_mlx.errors import UsageError
+    from gain_mlx.evaluate import adapter_list
+
+    assert adapter_list("runs/legal", ["b=x/y,c=z"]) == [("legal", "runs/legal"), ("b", "x/y"), ("c", "z")]
+    with pytest.raises(UsageError, match="must differ"):
+        adapter_list("runs/legal", ["legal=z"])
+    with pytest.raises(UsageError, match="not 'base'"):
+        adapter_list("runs/base")
