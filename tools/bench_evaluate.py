@@ -6,7 +6,8 @@ Tasks are written offline from examples/data (license texts): a multiple-choice 
 greedy generation of ``--gen-tokens`` tokens. Adapters are random gain-ffn gains
 (U(0.8, 1.2)) saved to a temporary folder. Each side includes loading the model and
 lm-eval's task index, as a separate ``python -m gain_mlx.evaluate`` call would (process
-start and imports are not counted). The scores of both sides are compared.
+start and imports are not counted). Wall and process CPU time (all threads) are reported:
+on a shared machine CPU time is the steadier figure. The scores of both sides are compared.
 
     python tools/bench_evaluate.py                                  # SmolLM2-135M GGUF, 3 adapters, --limit 16
     python tools/bench_evaluate.py --adapters 7 --limit 32 --json bench_evaluate.json
@@ -104,6 +105,7 @@ def main():
     p.add_argument("--limit", type=int, default=16, help="documents per task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--separate-first", action="store_true", help="time the N + 1 runs before the one run")
     p.add_argument("--json", help="write the figures here")
     cpu.add_fast_blas_argument(p)
     args = p.parse_args()
@@ -117,18 +119,25 @@ def main():
         common = dict(include_path=include, limit=args.limit, batch_size=args.batch_size)
         evaluate(args.model, [], TASKS, **{**common, "limit": 1})  # warm-up: conversion cache, file cache
 
-        t0 = time.perf_counter()
-        one = evaluate(args.model, adapters, TASKS, **common)
-        t_one = time.perf_counter() - t0
+        def one_run():
+            return evaluate(args.model, adapters, TASKS, **common)
 
-        t0 = time.perf_counter()
-        separate, passes, setup_sep = {}, 0, 0.0
-        for adapter in [None] + adapters:
-            r = evaluate(args.model, [adapter] if adapter else [], TASKS, include_base=adapter is None, **common)
-            separate.update(r["models"])
-            passes += r["stats"]["forward_passes"]
-            setup_sep += r["setup_seconds"]
-        t_sep = time.perf_counter() - t0
+        def separate_runs():
+            models, passes, setup = {}, 0, 0.0
+            for adapter in [None] + adapters:
+                r = evaluate(args.model, [adapter] if adapter else [], TASKS, include_base=adapter is None, **common)
+                models.update(r["models"])
+                passes += r["stats"]["forward_passes"]
+                setup += r["setup_seconds"]
+            return {"models": models, "forward_passes": passes, "setup_seconds": setup}
+
+        timed = {}
+        for side in (["separate", "one"] if args.separate_first else ["one", "separate"]):
+            w0, c0 = time.perf_counter(), time.process_time()
+            result = one_run() if side == "one" else separate_runs()
+            timed[side] = (result, time.perf_counter() - w0, time.process_time() - c0)
+        (one, t_one, c_one), (sep, t_sep, c_sep) = timed["one"], timed["separate"]
+        separate, passes, setup_sep = sep["models"], sep["forward_passes"], sep["setup_seconds"]
 
     a, b = scores(one["models"]), scores(separate)
     worst = max(abs(a[n][t][m] - b[n][t][m]) / max(abs(b[n][t][m]), 1e-12) for n in a for t in a[n] for m in a[n][t])
@@ -136,7 +145,8 @@ def main():
     figures = {
         "model": args.model, "adapters": args.adapters, "limit": args.limit, "batch_size": args.batch_size,
         "gen_tokens": args.gen_tokens, "one_run_s": round(t_one, 2), "separate_runs_s": round(t_sep, 2),
-        "ratio_separate_over_one": round(t_sep / t_one, 3),
+        "ratio_separate_over_one": round(t_sep / t_one, 3), "order": "separate first" if args.separate_first else "one first",
+        "one_run_cpu_s": round(c_one, 2), "separate_runs_cpu_s": round(c_sep, 2), "cpu_ratio": round(c_sep / c_one, 3),
         "one_run_setup_s": round(one["setup_seconds"], 2), "separate_setup_s": round(setup_sep, 2),
         "ratio_without_setup": round((t_sep - setup_sep) / (t_one - one["setup_seconds"]), 3),
         "one_run_forward_passes": one["stats"]["forward_passes"],
