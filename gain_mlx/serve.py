@@ -784,9 +784,22 @@ def text_prompts(tokenizer, prompt, token_limit=None) -> list:
     return out
 
 
-def token_texts(tokenizer, ids) -> list:
-    """The text each token adds to the decoded text (so that they join to it exactly)."""
+def detokenizer(tokenizer, keep_space: bool = False):
+    """A fresh streaming detokenizer. mlx-lm's drop the space a text starts with;
+    ``keep_space`` keeps it, as legacy completions need: prompt + text reads as the
+    decoded whole (what lm-eval and other harnesses compare)."""
     detok = tokenizer.detokenizer
+    if keep_space:
+        if hasattr(detok, "trim_space"):  # SPM's switch
+            detok.trim_space = False
+        if hasattr(detok, "_maybe_trim_space"):  # BPE's has none: its trimming step, on this copy only
+            detok._maybe_trim_space = lambda text: text
+    return detok
+
+
+def token_texts(tokenizer, ids, keep_space: bool = False) -> list:
+    """The text each token adds to the decoded text (so that they join to it exactly)."""
+    detok = detokenizer(tokenizer, keep_space)
     out = []
     for t in ids:
         detok.add_token(t)
@@ -803,8 +816,8 @@ def token_texts(tokenizer, ids) -> list:
 class TextStream:
     """Detokenizes a job's tokens and applies the request's stop strings."""
 
-    def __init__(self, tokenizer, stop):
-        self.detok = tokenizer.detokenizer
+    def __init__(self, tokenizer, stop, keep_space: bool = False):
+        self.detok = detokenizer(tokenizer, keep_space)
         self.stop = stop
         self.held = ""
 
@@ -833,11 +846,13 @@ class ClientGone(ConnectionError):
     """The client closed its connection: its generation is cancelled."""
 
 
-def run_job(engine: Engine, job: Job, stop: list, timeout: float = 600, gone=None, keep_eos=False):
+def run_job(engine: Engine, job: Job, stop: list, timeout: float = 600, gone=None, keep_eos=False,
+            keep_space=False):
     """Yields ``(text, token, logprob, top, finish_reason)`` as the job's tokens arrive.
     ``gone()`` is polled a few times a second: when true the job is cancelled. The
-    end-of-sequence token is yielded (with no text) only when ``keep_eos``."""
-    text = TextStream(engine.tokenizer, stop)
+    end-of-sequence token is yielded (with no text) only when ``keep_eos``; ``keep_space``:
+    see :func:`detokenizer`."""
+    text = TextStream(engine.tokenizer, stop, keep_space)
     eos = engine.tokenizer.eos_token_ids
     deadline = time.monotonic() + timeout
     next_check = 0.0
@@ -1173,7 +1188,8 @@ class Handler(BaseHTTPRequestHandler):
         choices, n_prompt, n_out = [], 0, 0
         for index, job in enumerate(jobs):
             text, toks, lps, tops, finish = [], [], [], [], None
-            for chunk, tok, lp, top, finish in run_job(self.engine, job, stop, gone=self._client_gone, keep_eos=echo):
+            for chunk, tok, lp, top, finish in run_job(self.engine, job, stop, gone=self._client_gone, keep_eos=echo,
+                                                       keep_space=True):
                 text.append(chunk)
                 if tok is not None:
                     toks.append(tok)
@@ -1191,7 +1207,7 @@ class Handler(BaseHTTPRequestHandler):
                     lps = [None] + [lp for lp, _ in scored] + lps
                     tops = [None] + [self._top_dict(t) for _, t in scored] + tops
             elif params.logprobs:
-                pieces = token_texts(tokenizer, toks)
+                pieces = token_texts(tokenizer, toks, keep_space=True)
             if params.logprobs:
                 offsets = [0]
                 for piece in pieces[:-1]:
@@ -1219,9 +1235,10 @@ class Handler(BaseHTTPRequestHandler):
 
         if chat:
             send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-        n, offset, detok = 0, 0, self.engine.tokenizer.detokenizer
+        n, offset, detok = 0, 0, detokenizer(self.engine.tokenizer, keep_space=not chat)
         try:
-            for chunk, tok, lp, top, finish in run_job(self.engine, job, stop, gone=self._client_gone):
+            for chunk, tok, lp, top, finish in run_job(self.engine, job, stop, gone=self._client_gone,
+                                                       keep_space=not chat):
                 n += tok is not None
                 logprobs = None
                 if params.logprobs and chat:
