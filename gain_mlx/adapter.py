@@ -27,9 +27,12 @@ ORIENTATION = "input"  # y = W (gain * x) + b, i.e. W_new = W diag(gain)
 PROBE_ROWS = 8  # rows of each gained weight that the fingerprint projects
 MIN_FINGERPRINT_COSINE = 0.95
 
-_SIZE_KEYS = {
-    "hidden_size": ("hidden_size", "n_embd", "d_model"),
-    "intermediate_size": ("intermediate_size", "moe_intermediate_size", "n_inner"),
+# adapter size key -> (its names in mlx-lm's ModelArgs, its GGUF key "<arch>.<name>");
+# num_layers is len(model.layers)
+SIZE_KEYS = {
+    "num_layers": ((), "block_count"),
+    "hidden_size": (("hidden_size", "n_embd", "d_model"), "embedding_length"),
+    "intermediate_size": (("intermediate_size", "moe_intermediate_size", "n_inner"), "feed_forward_length"),
 }
 
 
@@ -130,8 +133,9 @@ def fingerprint_similarity(a, b) -> float:
 def _model_sizes(model) -> dict:
     args = model.args
     sizes = {"num_layers": len(model.layers)}
-    for name, keys in _SIZE_KEYS.items():
-        sizes[name] = next((getattr(args, k) for k in keys if getattr(args, k, None)), None)
+    for name, (keys, _) in SIZE_KEYS.items():
+        if keys:
+            sizes[name] = next((getattr(args, k) for k in keys if getattr(args, k, None)), None)
     return sizes
 
 
@@ -219,57 +223,71 @@ def check_base(model, config: dict, source: str = "adapter") -> None:
         targets = targets_from_config(config)
     except (TypeError, ValueError):
         raise AdapterError(f"{source}: its {CONFIG_FILE} lists malformed targets: re-save the adapter") from None
-    for t in targets:
-        if get_module(model, t.path) is None:
-            raise AdapterError(f"{source}: the base has no layer {t.path}: pass the --model it was trained on")
-    if config["model_type"] != model.model_type:
-        raise AdapterError(
-            f"{source} was trained on a '{config['model_type']}' model, this base is "
-            f"'{model.model_type}': pass the --model it was trained on"
-        )
-    for key, value in _model_sizes(model).items():
-        if config.get(key) != value:
-            raise AdapterError(
-                f"{source} expects {key}={config.get(key)}, this base has {value}: "
-                "pass the --model it was trained on"
-            )
-    targets = targets_from_config(config)
-    cos = fingerprint_similarity(fingerprint(model, targets), config["fingerprint"])
-    if cos < MIN_FINGERPRINT_COSINE:
-        raise AdapterError(
-            f"{source} was trained on different base weights (fingerprint similarity "
-            f"{cos:.2f} < {MIN_FINGERPRINT_COSINE}): pass the --model it was trained on"
-        )
+    sizes = {key: (value, "") for key, value in _model_sizes(model).items()}
+    check_fit(config, source, "this base", model.model_type, sizes,
+              [t.path for t in targets if get_module(model, t.path) is None],
+              lambda: fingerprint(model, targets), "pass the --model it was trained on")
 
 
-def load_adapter(model, adapter_path, source=None, gains_file=None) -> dict:
-    """Check the base, apply gains as configured and load their trained values
-    (from ``gains_file``, default the folder's ``gains.safetensors``)."""
-    config, _ = read_adapter(adapter_path)
-    check_base(model, config, source=source or f"adapter {adapter_path}")
+def check_fit(config: dict, source: str, base: str, model_type: str, sizes: dict, missing: list,
+              base_fingerprint, fix: str, error=AdapterError) -> None:
+    """The one base-fit check (of a loaded model, of a GGUF): raise ``error`` unless the
+    adapter's ``config`` was trained on this base: same ``model_type``, sizes
+    (``{size key: (value, name in the base)}``, a None value is not compared), no target
+    ``missing`` and base weights whose fingerprint (``base_fingerprint()``) matches.
+    ``base`` names the base in messages, ``fix`` says what to do."""
+    if config.get("model_type") != model_type:
+        raise error(f"{source} was trained on a '{config.get('model_type')}' model, {base} is '{model_type}': {fix}")
+    for key, (value, name) in sizes.items():
+        if value is not None and config.get(key) is not None and int(config[key]) != int(value):
+            raise error(f"{source} expects {key}={config[key]}, {base} has {name + '=' if name else ''}{value}: {fix}")
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise error(f"{source}: {base} has no layer for {missing[0]}{more}: {fix}")
+    if config.get("fingerprint"):
+        cos = fingerprint_similarity(base_fingerprint(), config["fingerprint"])
+        if cos < MIN_FINGERPRINT_COSINE:
+            raise error(f"{source} was trained on different base weights (fingerprint similarity "
+                        f"{cos:.2f} < {MIN_FINGERPRINT_COSINE}): {fix}")
+
+
+def resolve_adapter(spec) -> Path:
+    """A local adapter folder for ``spec``: a folder, or a Hugging Face Hub repo id
+    (``owner/name``, fetched into the Hub cache; ``HF_HUB_OFFLINE=1`` uses the cache only)."""
+    path = Path(spec)
+    if path.exists() or str(spec).count("/") != 1 or str(spec).startswith((".", "/")):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(spec), allow_patterns=[CONFIG_FILE, GAINS_FILE, "*.md"]))
+    except ImportError:
+        raise UserError(f"{spec} is not a local folder and huggingface_hub is not installed") from None
+    except Exception as e:  # huggingface_hub raises many types for a missing repo/offline cache
+        raise UserError(f"adapter {spec}: not a local folder and not found on the Hub or in its cache ({type(e).__name__})") from None
+
+
+def attach(model, config: dict, weights: dict, source: str, check: bool = True) -> dict:
+    """Check the base (unless ``check``: a fused model carries the gains already), apply
+    gains as ``config`` describes and load ``weights`` (``{<path>.gain: array}``)."""
+    if check:
+        check_base(model, config, source=source)
     apply_gains(model, config["variant"], config["tie_kv"], config.get("custom_targets"))
-    gains_file = Path(gains_file) if gains_file else Path(adapter_path) / GAINS_FILE
-    weights = load_gains_file(gains_file)
     expected = dict(tree_flatten(model.trainable_parameters()))
     if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
         raise AdapterError(
-            f"{gains_file} does not hold the gains its {CONFIG_FILE} describes "
+            f"{source} does not hold the gains its {CONFIG_FILE} describes "
             f"({len(weights)} tensors, expected {len(expected)}): re-save the adapter"
         )
     model.load_weights(list(weights.items()), strict=False)
     return config
 
 
-def lineage_lines(config: dict) -> list:
-    """A markdown table of the adapter's training stages (for model cards); [] if none."""
-    from .monitor import Monitor
-
-    lineage = config.get("lineage") or []
-    lines = ["| stage | data | data sha256 | steps | learning rate | final metrics (vs the stage's step 0) |",
-             "|---|---|---|---|---|---|"]
-    for i, stage in enumerate(lineage, 1):
-        data = Path(stage["data"]).name if stage.get("data") else "not recorded"
-        final = Monitor.describe(stage.get("final") or {}).replace(" | ", "; ") or "-"  # no | in a cell
-        lines.append(f"| {i} | `{data}` | `{stage.get('data_fingerprint') or '-'}` | {stage.get('steps', '-')} "
-                     f"| {stage.get('learning_rate', '-')} | {final} |")
-    return lines if lineage else []
+def load_adapter(model, adapter_path, source=None, gains_file=None, check: bool = True) -> dict:
+    """The one adapter loader: resolve ``adapter_path`` (folder or Hub id), check the base,
+    apply gains as configured and load their trained values (from ``gains_file``,
+    default the folder's ``gains.safetensors``). Returns the adapter's config."""
+    folder = resolve_adapter(adapter_path)
+    config, _ = read_adapter(folder)
+    gains_file = Path(gains_file) if gains_file else folder / GAINS_FILE
+    return attach(model, config, load_gains_file(gains_file), source or f"adapter {adapter_path}", check)

@@ -11,6 +11,8 @@ from typing import Optional
 
 import numpy as np
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Site:
@@ -99,7 +101,7 @@ class HeadLayout:
 
 def get_arch(model_type: str) -> Arch:
     if model_type not in ARCHITECTURES:
-        raise ValueError(
+        raise ConfigError(
             f"model_type '{model_type}' is not in gain_mlx's architecture table "
             f"(supported: {', '.join(sorted(ARCHITECTURES))}); "
             "pass --targets with the module paths to gain instead."
@@ -143,11 +145,11 @@ def input_dims(layer) -> int:
 def find_targets(model, variant: str, tie_kv: bool = False, paths=None) -> list:
     """The gained projections of ``model`` for ``variant``, or explicit ``paths``."""
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant '{variant}' (choose from {', '.join(VARIANTS)})")
+        raise ConfigError(f"unknown variant '{variant}' (choose from {', '.join(VARIANTS)})")
     if paths:
         missing = [p for p in paths if get_module(model, p) is None]
         if missing:
-            raise ValueError(f"--targets: no module at {', '.join(missing)}")
+            raise ConfigError(f"--targets: no module at {', '.join(missing)}")
         return [Target(p, "custom", -1) for p in paths]
     arch = get_arch(model.model_type)
     blocks = get_module(model, arch.blocks)
@@ -184,4 +186,4 @@ def producer_row_index(target: Target, producer_out: int, layout: HeadLayout) ->
     if target.producer_rows == "v_per_head":
         heads = np.arange(layout.n_heads)[:, None] * 3 * hd
         return (heads + 2 * hd + np.arange(hd)[None, :]).reshape(-1)
-    raise ValueError(f"unknown producer row layout '{target.producer_rows}'")
+    raise ConfigError(f"unknown producer row layout '{target.producer_rows}'")

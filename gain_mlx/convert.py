@@ -48,8 +48,6 @@ def main(argv=None) -> None:
         )
     except FileExistsError as e:
         raise UserError(str(e)) from None
-    except ValueError as e:  # GGUFImportError, tokenizer errors
-        raise UserError(str(e)) from None
     print(f"wrote {out}")
 
 

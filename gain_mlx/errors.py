@@ -24,6 +24,11 @@ class UsageError(UserError):
     exit_code = 2
 
 
+class ConfigError(UserError, ValueError):
+    """A model or adapter that names what gain_mlx does not know (architecture, variant,
+    target path, row layout)."""
+
+
 def describe_os_error(e: OSError) -> str:
     """One line for an OSError, naming the file and what to do."""
     where = f" {e.filename}" if e.filename else ""

@@ -8,8 +8,8 @@ adapter's domain without the original base.
 
 import argparse
 
-from .errors import UserError, cli
-from .gguf.export import CHECK_ROWS, DEFAULT_FALLBACK, FALLBACKS, ExportError, export_gguf
+from .errors import cli
+from .gguf.export import CHECK_ROWS, DEFAULT_FALLBACK, FALLBACKS, export_gguf
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", required=True,
                    help="the base model's GGUF, or a GGUF exported earlier (its gains are divided out "
                    "first: a domain switch); never modified")
-    p.add_argument("--adapter-path", required=True, help="adapter folder (gains.safetensors + gain_config.json)")
+    p.add_argument("--adapter-path", required=True, help="adapter folder (gains.safetensors + gain_config.json) or Hugging Face Hub repo id")
     p.add_argument("--out", required=True, help="the GGUF to write")
     p.add_argument(
         "--fallback",
@@ -43,9 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flush the output to disk before renaming it into place (survives a power cut; "
                    "costs the time to write the file to disk)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    # accepted for symmetry with the other CLIs; the export multiplies no matrices, and
-    # gain_mlx.cpu is not imported: it pulls in mlx_lm/transformers (seconds of start-up)
-    p.add_argument("--no-fast-blas", dest="fast_blas", action="store_false", help=argparse.SUPPRESS)
     return p
 
 
@@ -54,11 +51,8 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     # No policy.start: nothing here multiplies matrices, and re-executing the process to
     # preload a BLAS would cost more than the whole copy of a small file.
-    try:
-        export_gguf(args.gguf, args.adapter_path, args.out, args.fallback, args.metadata, args.force,
-                    check_rows=args.check_rows, fsync=args.fsync)
-    except (ExportError, ValueError) as e:  # AdapterError, a corrupt GGUF
-        raise UserError(str(e)) from None
+    export_gguf(args.gguf, args.adapter_path, args.out, args.fallback, args.metadata, args.force,
+                check_rows=args.check_rows, fsync=args.fsync)
     print(f"wrote {args.out}")
 
 

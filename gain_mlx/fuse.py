@@ -11,11 +11,10 @@ mlx layers and measures each step against the reference ``dequantize(W) * gain``
   requantize with the same bits, group size and mode — only the rows that change.
 
 The output folder loads with plain ``mlx_lm.load``: same architecture and quantization
-config, tokenizer files copied, a model card (README.md) and ``fold_plan.json``.
+config, tokenizer files copied, a model card (README.md, ``provenance.fused_card``) and ``fold_plan.json``.
 """
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -26,22 +25,13 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from . import cpu, policy
-from .adapter import (
-    GAINS_FILE,
-    apply_gains,
-    gain_parameters,
-    load_adapter,
-    lineage_lines,
-    load_gains_file,
-    read_adapter,
-    targets_from_config,
-)
+from .adapter import gain_parameters, load_adapter, read_adapter, resolve_adapter, targets_from_config
 from .arch import get_module, head_layout
 from .errors import UserError, cli
 from .files import atomic_dir, remove_stale
 from .fold import invert, is_power_of_two, plan_folds
+from .provenance import PLAN_FILE, fused_card, gains_sha256
 
-PLAN_FILE = "fold_plan.json"
 # Non-weight files of a model folder carried over to the fused folder (tokenizer,
 # generation config, custom code); config.json and the weights are written anew.
 COPY_PATTERNS = ("*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "*.py")
@@ -50,7 +40,7 @@ _MODE_KIND = {"affine": "affine", "mxfp4": "mx", "mxfp8": "mx", "nvfp4": "nvfp4"
 _E8M0_MAX = 254  # 255 encodes NaN
 
 
-class FuseError(ValueError):
+class FuseError(UserError, ValueError):
     """Bad input to fuse (existing output, wrong adapter, ...)."""
 
 
@@ -223,10 +213,6 @@ def format_plan(report: list) -> str:
 # ---------------------------------------------------------------- model folders
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _folded_count(history: list, sha: str) -> int:
     return sum({"fold": 1, "de-fold": -1}[h["operation"]] for h in history if h["gains_sha256"] == sha)
 
@@ -236,19 +222,15 @@ def _load_history(model_dir: Path) -> list:
     return json.loads(plan.read_text())["history"] if plan.is_file() else []
 
 
-def _apply_adapter(model, adapter_path: Path, config: dict, de_fold: bool, history: list, sha: str):
+def _apply_adapter(model, adapter_path: Path, de_fold: bool, history: list, sha: str):
     """Put the adapter's gains on ``model``. Fusing checks the base fingerprint; de-folding
     checks the model's fold history instead (its weights carry the gains)."""
-    if not de_fold:
-        load_adapter(model, adapter_path)
-        return
-    if _folded_count(history, sha) < 1:
+    if de_fold and _folded_count(history, sha) < 1:
         raise FuseError(
             f"the model's {PLAN_FILE} records no fold of these gains ({adapter_path}): "
             "--de-fold only a model fused with this adapter"
         )
-    apply_gains(model, config["variant"], config["tie_kv"], config.get("custom_targets"))
-    model.load_weights(list(load_gains_file(adapter_path / GAINS_FILE).items()), strict=False)
+    load_adapter(model, adapter_path, check=not de_fold)
 
 
 def _check_output(save_path: Path, force: bool, *inputs):
@@ -260,47 +242,6 @@ def _check_output(save_path: Path, force: bool, *inputs):
         raise FuseError(f"--save-path {save_path} is a file: choose a folder")
     if save_path.exists() and not force:
         raise FuseError(f"--save-path {save_path} already exists: choose another or pass --force")
-
-
-def _lineage_section(info: dict) -> str:
-    lines = lineage_lines({"lineage": info.get("lineage")})
-    return "The adapter's training stages:\n\n" + "\n".join(lines) + "\n\n" if lines else ""
-
-
-def _model_card(info: dict, report: list) -> str:
-    rows = "\n".join(
-        f"| {m} | {s['count']} | {s['max_rel_error']:.2e} |" for m, s in summarize(report).items()
-    )
-    verb = "divided out of" if info["operation"] == "de-fold" else "merged into"
-    return f"""---
-library_name: mlx
-pipeline_tag: text-generation
-tags: [mlx, gain-mlx]
----
-# GAIN gains {verb} {info['base']}
-
-The GAIN gains of adapter `{info['adapter']}` (variant `{info['variant']}`,
-{len(report)} gained projections, gains file sha256 `{info['gains_sha256'][:16]}…`) are
-{verb} the weights of `{info['base']}` by `gain_mlx.fuse`. Same architecture and
-quantization config as the base; no gain_mlx code is needed to run it:
-
-```bash
-mlx_lm.generate --model <this folder> --prompt "hello"
-```
-
-Scales of folded quantized layers are stored as `{info['scales']}`. How each tensor
-absorbed its gain and the relative error against `dequantize(W) * gain` (float32):
-
-| method | tensors | max relative error |
-|---|---|---|
-{rows}
-
-{_lineage_section(info)}Methods: `scales` multiplies a producer's rows via their quantization scales and biases
-(integers untouched); `exponent` shifts E8M0 scale exponents; `float` scales a float
-weight; `requantize` dequantizes, scales and requantizes with the same settings. The
-per-tensor plan is in `{PLAN_FILE}`. Undo with
-`python -m gain_mlx.fuse --model <this folder> --adapter-path {info['adapter']} --save-path OUT --de-fold`.
-"""
 
 
 def _write_folder(tmp: Path, model, config: dict, model_dir: Path, info: dict, report: list):
@@ -316,7 +257,7 @@ def _write_folder(tmp: Path, model, config: dict, model_dir: Path, info: dict, r
             if f.is_file() and f.name not in NOT_COPIED:
                 shutil.copy2(f, tmp / f.name)
     (tmp / PLAN_FILE).write_text(json.dumps({**info, "steps": report}, indent=2) + "\n")
-    (tmp / "README.md").write_text(_model_card(info, report))
+    (tmp / "README.md").write_text(fused_card(tmp))
 
 
 def _local_dir(model_path: str) -> Path:
@@ -341,16 +282,16 @@ def fuse(
     ``de_fold``). Returns the plan written to ``fold_plan.json``."""
     from .loading import load_model
 
-    adapter_path, save_path = Path(adapter_path), Path(save_path)
+    adapter_path, save_path = resolve_adapter(adapter_path), Path(save_path)
     remove_stale(save_path)  # a --force killed mid-swap: its previous output goes back first
     config_a, _ = read_adapter(adapter_path)
-    sha = _sha256(adapter_path / GAINS_FILE)
+    sha = gains_sha256(adapter_path)
     _check_output(save_path, force, ("--adapter-path", adapter_path))
     mlx_model, _, model_path = load_model(model, verbose=verbose)
     model_dir = _local_dir(model_path)
     _check_output(save_path, force, ("--model", model_dir))
     history = _load_history(model_dir)
-    _apply_adapter(mlx_model, adapter_path, config_a, de_fold, history, sha)
+    _apply_adapter(mlx_model, adapter_path, de_fold, history, sha)
     config = json.loads((model_dir / "config.json").read_text())
     if dequantize:
         from .cpu import dequantize_model
@@ -399,7 +340,7 @@ def _float_dtype(model):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("--model", help="base model: MLX folder, HF repo or .gguf (default: SmolLM2)")
-    parser.add_argument("--adapter-path", default="adapters", help="gain_mlx adapter folder")
+    parser.add_argument("--adapter-path", default="adapters", help="gain_mlx adapter folder or Hugging Face Hub repo id")
     parser.add_argument("--save-path", default="fused_model", help="output model folder")
     parser.add_argument("--dequantize", action="store_true", help="write a float model")
     parser.add_argument(
@@ -414,18 +355,15 @@ def main(argv=None):
     cpu.add_fast_blas_argument(parser)
     args = parser.parse_args(argv)
     policy.start(args.fast_blas)
-    try:
-        fuse(
-            args.model,
-            args.adapter_path,
-            args.save_path,
-            dequantize=args.dequantize,
-            de_fold=args.de_fold,
-            fp32_scales=args.fp32_scales,
-            force=args.force,
-        )
-    except ValueError as e:  # AdapterError, FuseError, bad config values
-        raise UserError(str(e)) from None
+    fuse(
+        args.model,
+        args.adapter_path,
+        args.save_path,
+        dequantize=args.dequantize,
+        de_fold=args.de_fold,
+        fp32_scales=args.fp32_scales,
+        force=args.force,
+    )
 
 
 if __name__ == "__main__":

@@ -1,16 +1,14 @@
 """python -m gain_mlx.generate: generate text with a gain adapter applied, without fusing.
 
 The flags follow ``mlx_lm.generate`` where they apply; the adapter is applied as gain
-layers on the loaded base (``adapter.load_adapter``), checked against its fingerprint.
+layers on the loaded base (``loading.load``), checked against its fingerprint.
 """
 
 import argparse
 
 from . import cpu, policy
-from .adapter import AdapterError, load_adapter
 from .errors import UserError, UsageError, cli
-from .hub import resolve_adapter
-from .loading import load_model
+from .loading import load
 
 
 def build_prompt(tokenizer, prompt: str, system_prompt=None, ignore_chat_template=False):
@@ -21,20 +19,6 @@ def build_prompt(tokenizer, prompt: str, system_prompt=None, ignore_chat_templat
         {"role": "user", "content": prompt}
     ]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-
-
-def load(model_spec, adapter_path):
-    """``(model, tokenizer)`` with ``adapter_path``'s gains applied (if given)."""
-    try:
-        model, tokenizer, _ = load_model(model_spec, verbose=False)
-    except ValueError as e:  # e.g. huggingface_hub's repo id validation
-        raise UserError(f"--model {model_spec}: not a model folder, .gguf file or Hub repo id ({e})") from None
-    if adapter_path:
-        try:
-            load_adapter(model, resolve_adapter(adapter_path))
-        except (AdapterError, ValueError) as e:
-            raise UserError(str(e)) from None
-    return model, tokenizer
 
 
 def make_parser():

@@ -6,6 +6,17 @@ when applied, so a model with all gains 1 computes exactly what its base does.
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+
+
+def expand_tied(gain, repeats: int):
+    """A gain as applied to the inputs: ``(in,)`` as stored; a KV-tied ``(n_kv, head_dim)``
+    gain repeated for the ``repeats`` query heads of each KV head, flattened. Works on
+    mx and numpy arrays alike (training, serving and export use this one expansion)."""
+    if gain.ndim == 1:
+        return gain
+    xp = np if isinstance(gain, np.ndarray) else mx
+    return xp.repeat(gain, repeats, axis=0).reshape(-1)
 
 
 class GainLinear(nn.Module):
@@ -23,10 +34,7 @@ class GainLinear(nn.Module):
         self._repeats = repeats
 
     def full_gain(self) -> mx.array:
-        g = self.gain
-        if g.ndim == 2:  # KV-tied: (n_kv, head_dim) -> (n_kv * repeats * head_dim,)
-            g = mx.repeat(g, self._repeats, axis=0).reshape(-1)
-        return g
+        return expand_tied(self.gain, self._repeats)
 
     def __call__(self, x):
         return self.base(x * self.full_gain().astype(x.dtype))

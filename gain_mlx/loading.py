@@ -1,4 +1,4 @@
-"""Resolve ``--model``: nothing -> the packaged SmolLM2 GGUF, a short name of
+"""Load ``--model`` (and ``--adapter-path``) for every CLI. ``--model``: nothing -> the packaged SmolLM2 GGUF, a short name of
 ``gain_mlx.models`` -> that packaged GGUF, ``*.gguf`` -> a cached
 MLX conversion (quantized or float32, as the device policy chooses), anything else -> ``mlx_lm.load`` (local folder or Hugging Face repo)."""
 
@@ -54,5 +54,19 @@ def load_model(spec=None, verbose: bool = True):
     from mlx_lm import load
 
     path = resolve_model(spec, verbose)
-    model, tokenizer = load(path)
+    try:
+        model, tokenizer = load(path)
+    except ValueError as e:  # huggingface_hub's repo id validation, an unsupported model_type
+        raise UserError(f"--model {spec}: not a model folder, .gguf file or Hub repo id ({e})") from None
     return model, tokenizer, path
+
+
+def load(model_spec=None, adapter_spec=None, verbose: bool = False):
+    """``(model, tokenizer)`` of ``--model`` with the gains of ``--adapter-path`` (a folder
+    or Hub id, checked against the base by ``adapter.load_adapter``) applied, if given."""
+    from .adapter import load_adapter
+
+    model, tokenizer, _ = load_model(model_spec, verbose=verbose)
+    if adapter_spec:
+        load_adapter(model, adapter_spec)
+    return model, tokenizer

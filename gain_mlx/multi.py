@@ -13,6 +13,7 @@ import numpy as np
 from .adapter import AdapterError, check_base, read_adapter, targets_from_config
 from .arch import get_module, input_dims
 from .adapter import _replace_module
+from .layers import expand_tied
 
 
 class _Selection:
@@ -45,9 +46,7 @@ def full_gain(stored: np.ndarray, in_dim: int) -> np.ndarray:
     ``ValueError`` when its shape cannot be the gain of an ``in_dim`` input."""
     if stored.ndim not in (1, 2) or stored.size == 0 or in_dim % stored.size or (stored.ndim == 1 and stored.size != in_dim):
         raise ValueError(f"gain of shape {tuple(stored.shape)} does not fit an input of {in_dim}")
-    if stored.ndim == 2:
-        stored = np.repeat(stored, in_dim // stored.size, axis=0)
-    return stored.reshape(-1).astype(np.float32)
+    return expand_tied(stored, in_dim // stored.size).astype(np.float32)
 
 
 def read_checked(model, adapter_path, source=None) -> dict:

@@ -182,7 +182,7 @@ def build_parser():
 
 @cli
 def main(argv=None):
-    from .generate import load
+    from .loading import load
 
     args = build_parser().parse_args(argv)
     policy.start(args.fast_blas)

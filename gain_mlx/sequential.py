@@ -35,7 +35,7 @@ from mlx_lm.tuner.trainer import TrainingArgs
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .adapter import apply_gains
-from .arch import find_targets, get_module
+from .arch import find_targets
 from . import policy
 from .cpu import add_fast_blas_argument, copy_model
 from .errors import UsageError, UserError, cli
@@ -169,14 +169,11 @@ class Domain:
     valid: list
 
 
-class TokenSet(list):
-    """Tokenized examples as ``(tokens, 0)`` pairs, the form mlx-lm's batcher reads."""
-
-
 def _tokenize(path, tokenizer, max_tokens, limit=None):
+    """Tokenized examples as ``(tokens, 0)`` pairs, the form mlx-lm's batcher reads."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     texts = TextDataset(rows[:limit] if limit else rows, tokenizer)
-    return TokenSet((tokens[:max_tokens], 0) for tokens, _ in map(texts.process, texts))
+    return [(tokens[:max_tokens], 0) for tokens, _ in map(texts.process, texts)]
 
 
 def _folder(name, root):
@@ -580,7 +577,7 @@ def report(out: Path, results, cfg, log=print) -> dict:
     try:
         cached = json.loads((out / "base.json").read_text()) if (out / "base.json").is_file() else {}
         if not results["sweep"] or cached.get("identity") != identity:
-            raise ValueError(f"{out}: no finished runs with these settings to report (run without --report first)")
+            raise UserError(f"{out}: no finished runs with these settings to report (run without --report first)")
         results["base_ppl"], results["probe_base"] = cached["base_ppl"], cached["probe_base"]
     except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError):
         raise UserError(f"{out / 'base.json'} is damaged: delete it (it is remade by running without --report)") from None
@@ -634,7 +631,7 @@ def run(cfg, log=print) -> dict:
     domains = [load_domain(f, tokenizer, cfg.max_seq_length, cfg.val_examples) for f in folders]
     for d in domains:
         if len(d.valid) < EVAL_BATCH or len(d.train) < cfg.batch_size:
-            raise ValueError(f"domain {d.name}: too few examples ({len(d.train)} train, {len(d.valid)} valid)")
+            raise UserError(f"domain {d.name}: too few examples ({len(d.train)} train, {len(d.valid)} valid)")
     stages = list(domains)
     if control_folder:
         control = load_domain(control_folder, tokenizer, cfg.max_seq_length, cfg.val_examples)
@@ -743,10 +740,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     policy.start(args.fast_blas)
-    try:
-        run(args)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    run(args)
 
 
 if __name__ == "__main__":

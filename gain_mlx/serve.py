@@ -317,7 +317,7 @@ class Engine:
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
 
-        from .generate import load
+        from .loading import load
         from .multi import AdapterSet
 
         self.model, self.tokenizer = load(self.model_spec, None)
@@ -357,8 +357,7 @@ class Engine:
         )
 
     def _add(self, name, spec):
-        from .adapter import read_adapter
-        from .hub import resolve_adapter
+        from .adapter import read_adapter, resolve_adapter
 
         _check_name(name, self.base_name)
         path = resolve_adapter(spec)

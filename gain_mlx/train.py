@@ -40,7 +40,6 @@ from .progress import progress, say
 
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 CHECKPOINT_FILE = "checkpoint.safetensors"  # what --resume reads (one atomic file)
-OPTIMIZER_FILE = "optimizer.safetensors"  # the optimizer state of checkpoints before CHECKPOINT_FILE
 STATE_FILE = "trainer_state.json"
 
 # Gains sit at 1 and have no direction to find, only a size: they need a far larger
@@ -210,21 +209,17 @@ def save_checkpoint(model, optimizer, adapter_path: Path, config: dict, step: in
 
 
 def read_checkpoint(adapter_path: Path):
-    """(state, config, history, gains, optimizer arrays) of the checkpoint in ``adapter_path``;
-    folders from before CHECKPOINT_FILE: (state, None, None, None, optimizer arrays)."""
+    """(state, config, history, gains, optimizer arrays) of the checkpoint in ``adapter_path``."""
     ckpt = adapter_path / CHECKPOINT_FILE
-    if ckpt.is_file():
-        try:
-            arrays, meta = mx.load(str(ckpt), return_metadata=True)
-            state, config, history = (json.loads(meta[k]) for k in ("trainer_state", "config", "history"))
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"--resume: {ckpt} is truncated or corrupt ({e}): train afresh without --resume") from None
-        part = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-        return state, config, history, part("gains/"), part("optimizer/")
-    state_file = adapter_path / STATE_FILE
-    if not state_file.is_file():
+    if not ckpt.is_file():
         raise UserError(f"--resume: no checkpoint in {adapter_path} ({CHECKPOINT_FILE} missing)")
-    return json.loads(state_file.read_text()), None, None, None, mx.load(str(adapter_path / OPTIMIZER_FILE))
+    try:
+        arrays, meta = mx.load(str(ckpt), return_metadata=True)
+        state, config, history = (json.loads(meta[k]) for k in ("trainer_state", "config", "history"))
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"--resume: {ckpt} is truncated or corrupt ({e}): train afresh without --resume") from None
+    part = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    return state, config, history, part("gains/"), part("optimizer/")
 
 
 def restore_optimizer(optimizer, model, saved: dict) -> None:
@@ -557,7 +552,7 @@ def record_stage(config: dict, step: int, row, kept=False) -> None:
 
 def _adapter_files(spec) -> tuple:
     """(folder, gains file) of ``--resume-adapter-file``: a folder or its gains file."""
-    path = Path(spec)
+    path = Path(spec) if Path(spec).is_file() else gain_adapter.resolve_adapter(spec)  # a Hub id too
     folder, gains = (path, path / gain_adapter.GAINS_FILE) if path.is_dir() else (path.parent, path)
     if not gains.is_file() or not (folder / gain_adapter.CONFIG_FILE).is_file():
         raise UserError(f"--resume-adapter-file {spec}: no {gain_adapter.GAINS_FILE} and {gain_adapter.CONFIG_FILE} "
@@ -675,14 +670,7 @@ def run(args) -> dict:
                 f"--resume: the checkpoint used --seed {saved['seed']} --batch-size "
                 f"{saved['batch_size']}; pass the same values to continue it"
             )
-        if config is None:  # a checkpoint from before CHECKPOINT_FILE
-            config = gain_adapter.load_adapter(model, adapter_path)
-        else:
-            gain_adapter.check_base(model, config, source=f"checkpoint {adapter_path / CHECKPOINT_FILE}")
-            gain_adapter.apply_gains(model, config["variant"], config["tie_kv"], config.get("custom_targets"))
-            if set(gains) != {k for k, _ in tree_flatten(model.trainable_parameters())}:
-                raise UserError(f"--resume: {adapter_path / CHECKPOINT_FILE} does not match its config: train afresh")
-            model.load_weights(list(gains.items()), strict=False)
+        gain_adapter.attach(model, config, gains, f"--resume: checkpoint {adapter_path / CHECKPOINT_FILE}")
         start_step = saved["step"]
         if config.get("lineage"):
             config["lineage"][-1]["steps"] = args.iters
@@ -778,10 +766,7 @@ def run(args) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     policy.start(args.fast_blas)
-    try:
-        run(args)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    run(args)
 
 
 if __name__ == "__main__":

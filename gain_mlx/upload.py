@@ -10,22 +10,15 @@ it in mlx-lm and llama.cpp. ``--dry-run`` writes the folder as it would be uploa
 """
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import UsageError, UserError, cli
+from .provenance import adapter_card, fused_card
 
 ADAPTER_FILES = ("gain_config.json", "gains.safetensors", "history.json", "history.png", "trainer_state.json")
 SKIPPED = (".tmp-", ".")
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def detect(path: Path) -> str:
@@ -39,185 +32,6 @@ def detect(path: Path) -> str:
     if (path / "config.json").is_file() and (list(path.glob("*.safetensors")) or list(path.glob("*.gguf"))):
         return "fused"
     raise UserError(f"--path {path}: neither an adapter folder (gain_config.json) nor a model folder (config.json + weights)")
-
-
-def _metrics(path: Path) -> list:
-    """Card lines from ``history.json``: base, first and kept evaluation."""
-    record = _read_json(path / "history.json")
-    if not isinstance(record, dict) or not record.get("history"):
-        return []
-    rows = record["history"]
-    kept = next((r for r in rows if r.get("step") == record.get("kept_step")), rows[-1])
-    base = record.get("base") or {}
-    sets = record.get("retain_sets") or ["retain"]
-    keys = ["val_ppl"] + [f"{name}_ppl" for name in sets]
-    head = " | ".join(["validation ppl"] + [f"{name} ppl" for name in sets])
-    lines = [f"| | step | {head} |", "|---|---|" + "---|" * len(keys)]
-
-    def cell(row, key):
-        v = row.get(key)
-        change = row.get(key.replace("_ppl", "_change"))
-        return "-" if v is None else f"{v:.2f}" + (f" ({change:+.1%})" if change is not None else "")
-
-    continued = len((_read_json(path / "gain_config.json") or {}).get("lineage") or []) > 1
-    start = "start (the adapter it continued)" if continued else "base"
-    lines.append(f"| {start} | 0 | " + " | ".join(cell(base, k) for k in keys) + " |")
-    label = "kept (best within the retain budget)" if record.get("keep") == "best" else "final"
-    lines.append(f"| {label} | {kept.get('step', '?')} | " + " | ".join(cell(kept, k) for k in keys) + " |")
-    budget = record.get("retain_budget_pct")
-    if isinstance(budget, dict) and budget:
-        budget = ", ".join(f"{name} {pct:g}%" for name, pct in budget.items())
-        lines.append(f"\nRetain budgets (perplexity change against step 0): {budget}.")
-    elif budget is not None:
-        lines.append(f"\nRetain budget: {budget}% perplexity change on general text.")
-    return lines
-
-
-def _lineage(lineage) -> str:
-    """The card's lineage section: the training stages the adapter went through."""
-    from .adapter import lineage_lines
-
-    lines = lineage_lines({"lineage": lineage})
-    if len(lines) < 4:  # one stage: the metrics say it all
-        return ""
-    return ("\n## Lineage\n\nTrained domain after domain (`--resume-adapter-file`), each stage from the "
-            "gains of the one before:\n\n" + "\n".join(lines) + "\n")
-
-
-def _fold_plan_adapter(config: dict) -> list:
-    kinds = {}
-    for t in config.get("targets", []):
-        leaf = t["path"].split(".", 3)[-1] if t["path"].startswith("model.layers.") else t["path"]
-        producer = t.get("producer")
-        producer = producer.split(".", 3)[-1] if producer and producer.startswith("model.layers.") else producer
-        kinds.setdefault((t["kind"], leaf, producer, t.get("producer_rows", "all")), 0)
-        kinds[(t["kind"], leaf, producer, t.get("producer_rows", "all"))] += 1
-    lines = ["| gained projection | layers | float base | quantized base |", "|---|---|---|---|"]
-    for (kind, leaf, producer, rows), n in kinds.items():
-        if producer is None:
-            q = "columns, requantized (reported error)"
-        elif kind == "attn":
-            q = f"rows of `{producer}` (V rows; exact when gains are tied per KV group{', as here' if config.get('tie_kv') else ''})"
-        else:
-            q = f"rows of `{producer}`" + (" (the up half)" if rows == "up" else "") + " (exact)"
-        lines.append(f"| `{leaf}` ({kind}) | {n} | columns of `{leaf}` (exact) | {q} |")
-    return lines
-
-
-def adapter_card(path: Path, repo_id: str, base_model=None) -> str:
-    from .adapter import read_adapter
-
-    config, gains = read_adapter(path)
-    base = base_model or config.get("base_model") or "<base model>"
-    n_params = sum(int(v.size) for v in gains.values())
-    state = _read_json(path / "trainer_state.json") or {}
-    data = config.get("data") or state.get("data")
-    metrics = _metrics(path)
-    base_tag = f"base_model: {base}\n" if base_model or "/" in str(base) and not Path(str(base)).exists() else ""
-    return f"""---
-library_name: mlx
-pipeline_tag: text-generation
-tags: [mlx, gain-mlx, gain, adapter]
-{base_tag}---
-# {repo_id.split('/')[-1]}: a GAIN adapter for {base}
-
-Learned diagonal gains on the inputs of the {"attention output" if config['variant'] == 'gain' else "attention output and FFN down"}
-projections (GAIN, arXiv 2604.04516), trained with gain_mlx on a frozen base.
-The base weights are untouched: the adapter is {n_params:,} numbers
-({path.joinpath('gains.safetensors').stat().st_size / 1024:.0f} KB) and is folded into the weights for zero-cost inference.
-
-| | |
-|---|---|
-| base model | `{base}` ({config.get('model_type')}, {config.get('num_layers')} layers, hidden {config.get('hidden_size')}) |
-| variant | `{config['variant']}`{' (attention gains tied per KV head)' if config.get('tie_kv') else ''} |
-| gained projections | {len(config.get('targets', []))} |
-| trainable parameters | {n_params:,} |
-| training data | {data or 'not recorded'} |
-| base fingerprint | checked on load: an adapter applied to another base is refused |
-
-## Metrics
-
-{chr(10).join(metrics) if metrics else 'No history.json was saved with this adapter.'}
-{_lineage(config.get('lineage'))}
-## Fold plan
-
-Where each gain goes when it is merged (`gain_mlx.fuse`, `gain_mlx.export`):
-
-{chr(10).join(_fold_plan_adapter(config))}
-
-## Use it
-
-Without fusing (gain_mlx applies the gains on the loaded base):
-
-```bash
-pip install gain-mlx
-python -m gain_mlx.generate --model {base} --adapter-path {repo_id} --prompt "hello"
-python -m gain_mlx.serve --model {base} --adapters mine={repo_id}   # OpenAI-compatible, many adapters in one batch
-```
-
-In mlx-lm, fused into a copy of the base (no gain_mlx needed at run time):
-
-```bash
-hf download {repo_id} --local-dir {repo_id.split('/')[-1]}
-python -m gain_mlx.fuse --model {base} --adapter-path {repo_id.split('/')[-1]} --save-path fused
-mlx_lm.generate --model fused --prompt "hello"
-```
-
-In llama.cpp, folded into the base's GGUF (quantized blocks kept where exact):
-
-```bash
-python -m gain_mlx.export --gguf base.gguf --adapter-path {repo_id.split('/')[-1]} --out adapted.gguf
-llama-cli -m adapted.gguf -p "hello"
-```
-"""
-
-
-def fused_card(path: Path, repo_id: str, base_model=None) -> str:
-    plan = _read_json(path / "fold_plan.json") or {}
-    config = _read_json(path / "config.json") or {}
-    base = base_model or plan.get("base") or "<base model>"
-    summary = plan.get("summary") or {}
-    rows = "\n".join(f"| {m} | {s['count']} | {s['max_rel_error']:.2e} |" for m, s in summary.items())
-    adapter = plan.get("adapter")
-    metrics = _metrics(Path(adapter)) if adapter and Path(adapter).is_dir() else []
-    base_tag = f"base_model: {base}\n" if base_model or "/" in str(base) and not Path(str(base)).exists() else ""
-    quant = config.get("quantization") or config.get("quantization_config")
-    metrics_text = "\n".join(metrics) if metrics else "See the adapter's card for training metrics."
-    return f"""---
-library_name: mlx
-pipeline_tag: text-generation
-tags: [mlx, gain-mlx, gain]
-{base_tag}---
-# {repo_id.split('/')[-1]}: {base} with GAIN gains folded in
-
-`{base}` with the GAIN gains of adapter `{adapter or '?'}` (variant `{plan.get('variant', '?')}`) merged into its
-weights by `gain_mlx.fuse`: the same architecture{' and quantization (' + str(quant.get('bits')) + '-bit)' if isinstance(quant, dict) else ''}
-as the base and no extra compute; no gain_mlx code is needed to run it.
-
-## Metrics
-
-{metrics_text}
-{_lineage(plan.get('lineage'))}
-## Fold plan
-
-How each tensor absorbed its gain, and the relative error against `dequantize(W) * gain` (float32);
-the per-tensor plan is in `fold_plan.json`:
-
-| method | tensors | max relative error |
-|---|---|---|
-{rows or '| (no fold_plan.json) | | |'}
-
-## Use it
-
-```bash
-mlx_lm.generate --model {repo_id} --prompt "hello"
-mlx_lm.server --model {repo_id}
-```
-
-llama.cpp: fold the same adapter into the base's GGUF with
-`python -m gain_mlx.export --gguf base.gguf --adapter-path ADAPTER --out adapted.gguf`, then
-`llama-cli -m adapted.gguf -p "hello"`.
-"""
 
 
 def stage(path: Path, kind: str, card: str, out: Path) -> Path:

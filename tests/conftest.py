@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random mlx-lm models for every architecture in the table."""
 
-import importlib
 import json
 
 import mlx.core as mx

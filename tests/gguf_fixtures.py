@@ -467,3 +467,17 @@ def llama3_rope_factors(base: float, dim: int, factor: float = 8.0, low: float =
             smooth = (old_context / wavelen - low) / (high - low)
             factors.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(factors, dtype=np.float32)
+
+
+def field_mask(qtype) -> np.ndarray:
+    """Boolean mask over one block's bytes: True where scale fields live (for IQ1_M the
+    whole scale words, of which only the top nibbles change)."""
+    from gguf import GGML_QUANT_SIZES
+
+    from gain_mlx.gguf.quants import FIELD_BYTES, check_type
+
+    layout = check_type(qtype)
+    mask = np.zeros(GGML_QUANT_SIZES[qtype][1], dtype=bool)
+    for o in layout.offsets:
+        mask[o : o + FIELD_BYTES[layout.kind]] = True
+    return mask

@@ -20,6 +20,7 @@ from conftest import EXAMPLE_DATA, save_tiny_model, tiny_model
 from gain_mlx import adapter as A
 from gain_mlx.errors import UsageError
 from gain_mlx.monitor import HISTORY_FILE, parse_budgets, parse_retain_specs
+from gain_mlx.provenance import lineage_lines
 from gain_mlx.train import OPTIMIZERS, build_optimizer, main
 
 FAST = ["--max-seq-length", "64", "--batch-size", "4", "--steps-per-report", "2", "--val-batches", "2"]
@@ -87,7 +88,7 @@ def test_three_stages_watch_every_earlier_domain(tiny_model_dir, domains, tmp_pa
     assert lineage[2]["final"]["val_ppl"] == last["val_ppl"] and lineage[2]["final"]["alpha_ppl"] == last["alpha_ppl"]
     assert lineage[0]["final"] == {k: v for k, v in _history(a1)["history"][-1].items()
                                    if k not in ("lr", "within_budget")} | {"kept": "last"}
-    card = "\n".join(A.lineage_lines(config))
+    card = "\n".join(lineage_lines(config))
     assert "| 3 | `gamma` |" in card and "; alpha ppl" in card
     assert all(line.count("|") == 7 for line in card.splitlines())  # no | inside a cell
 

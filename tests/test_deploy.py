@@ -1,8 +1,6 @@
 """--tie-kv auto: tie where an exact fold into a quantized GQA base needs it."""
 import json
 
-import mlx.core as mx
-import mlx.nn as nn
 import pytest
 from gguf import GGMLQuantizationType as GQ
 from mlx_lm.models import llama

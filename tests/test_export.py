@@ -28,7 +28,7 @@ from gain_mlx.gguf import quants as Q
 from gain_mlx.gguf.export import ExportError, export_gguf, rewrite
 from gain_mlx.gguf.header import GGUFFile
 from gain_mlx.layers import GAIN_LAYERS
-from gguf_fixtures import kl_top1, tiny_for_gguf, write_gguf, write_random_gguf
+from gguf_fixtures import field_mask, kl_top1, tiny_for_gguf, write_gguf, write_random_gguf
 
 SIZES = dict(hidden_size=256, intermediate_size=512)  # K-quant blocks need 256 columns
 ROUNDING = {"f16": 2.0**-11, "f16_nibbles": 2.0**-11, "bf16": 2.0**-8, "f32": 2.0**-24, "e8m0": 0.0}
@@ -93,7 +93,7 @@ def compare(base, out, factors, same_layout=True, requantized=()):
         errors[t.name] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
         if same_layout and t.tensor_type == u.tensor_type and t.name not in requantized:
             raw_a, raw_b = np.asarray(t.data).view(np.uint8), np.asarray(u.data).view(np.uint8)
-            outside = np.tile(~Q.field_mask(t.tensor_type), raw_a.shape[-1] // len(Q.field_mask(t.tensor_type)))
+            outside = np.tile(~field_mask(t.tensor_type), raw_a.shape[-1] // len(field_mask(t.tensor_type)))
             assert np.array_equal(raw_a[..., outside], raw_b[..., outside]), t.name
     return errors
 

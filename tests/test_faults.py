@@ -111,7 +111,7 @@ def test_export_refuses_bad_adapter(gguf_file, adapter_dir, tmp_path, how):
     bad = broken_adapter(adapter_dir, tmp_path / "bad", how)
     before = digest(bad), digest(gguf_file)
     code, err = run_cli("gain_mlx.export", "--gguf", gguf_file, "--adapter-path", bad,
-                        "--out", tmp_path / "o.gguf", "--no-fast-blas")
+                        "--out", tmp_path / "o.gguf")
     assert_one_line(code, err, ADAPTER_FAULTS[how])
     assert (digest(bad), digest(gguf_file)) == before and not (tmp_path / "o.gguf").exists()
 

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from gain_mlx.adapter import apply_gains, gain_parameters
 from gain_mlx.arch import HeadLayout, Target, get_module, head_layout
 from gain_mlx.fold import FoldStep, invert, is_power_of_two, plan_folds
-from gain_mlx.fuse import execute_step, fuse_model, summarize
+from gain_mlx.fuse import execute_step, fuse_model
 from gain_mlx.layers import GAIN_LAYERS
 
 # Quantized tests need input widths divisible by group sizes up to 128.

@@ -14,6 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gq
 
 from gain_mlx.gguf import quants as Q
+from gguf_fixtures import field_mask
 
 TYPES = list(Q.SCALES)
 ROWS = 16
@@ -47,7 +48,7 @@ def gguf_dequantize(raw, qtype):
 
 
 def outside_fields(raw, qtype):
-    mask = np.tile(~Q.field_mask(qtype), raw.shape[-1] // GGML_QUANT_SIZES[qtype][1])
+    mask = np.tile(~field_mask(qtype), raw.shape[-1] // GGML_QUANT_SIZES[qtype][1])
     return raw[:, mask]
 
 

@@ -4,7 +4,6 @@ import inspect
 import json
 import random
 import textwrap
-from pathlib import Path
 
 import gguf
 import pytest

@@ -21,8 +21,6 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import Q4_K, dequantize
 
-from . import GGUFImportError
-
 GROUP_SIZE = 32
 NEAREST_BITS = 8  # the MLX form of a type that is not affine at group 32
 CHUNK_VALUES = 1 << 22  # weights converted at once (bounds the scratch memory)

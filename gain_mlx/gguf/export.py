@@ -27,45 +27,40 @@ gguf-py's dequantizer, and renamed over ``--out`` at the end.
 """
 
 import errno
-import hashlib
 import mmap
 import os
-import shutil
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType as T, GGUFValueType, TensorNameMap
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, TensorNameMap
 
 from ..adapter import (
-    MIN_FINGERPRINT_COSINE,
     PROBE_ROWS,
-    AdapterError,
-    fingerprint_similarity,
+    SIZE_KEYS,
+    check_fit,
     probe,
     read_adapter,
+    resolve_adapter,
     targets_from_config,
 )
+from ..errors import UserError
 from ..arch import HeadLayout
 from ..files import temp_path
+from ..layers import expand_tied
+from ..provenance import gains_sha256
 from ..fold import FoldStep, plan_folds
 from . import quants as Q
 from .config import ARCHS, GGUF_ARCH
 from .header import GGUFFile
-from .names import spellings
+from .names import gguf_name, name_table
 
 FALLBACKS = ("auto", "requant", "f16", "q8_0", "refuse")
 DEFAULT_FALLBACK = "auto"
 CONVERT_TYPES = {"f16": T.F16, "q8_0": T.Q8_0}
 INVERTIBLE = ("scales", "f16")  # routes whose gains a later export can divide out
-# adapter size key -> GGUF "<arch>.<key>"
-SIZE_KEYS = {
-    "num_layers": "block_count",
-    "hidden_size": "embedding_length",
-    "intermediate_size": "feed_forward_length",
-}
 # Row layouts of a producer that llama.cpp's converter keeps in HF order (V rows of a
 # fused qkv, up half of a fused gate|up). gpt_neox's per-head qkv is not among them.
 GGUF_ROW_LAYOUTS = ("all", "v", "up")
@@ -77,7 +72,7 @@ MAX_EXACT_ERROR = 0.05  # a "scales" edit further off than this is a bug, not ro
 PAGE = 4096  # data keep their offset modulo this: page-aligned copies, reflinks
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A one-line problem with the inputs of an export."""
 
 
@@ -103,20 +98,14 @@ def tensor_name_map(reader: GGUFFile) -> TensorNameMap:
     arch = _field(reader, "general.architecture")
     if arch not in ARCHS:
         raise ExportError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHS)}")
-    by_name = {v: k for k, v in MODEL_ARCH_NAMES.items()}
-    if arch not in by_name:
-        raise ExportError(f"GGUF architecture {arch!r} is unknown to the installed gguf-py; upgrade gguf")
-    return TensorNameMap(by_name[arch], int(_field(reader, f"{arch}.block_count", 0)))
+    return name_table(arch, int(_field(reader, f"{arch}.block_count", 0)))
 
 
 def gguf_tensor(reader: GGUFFile, table: TensorNameMap, path: str, suffix: str = ".weight"):
     """The GGUF tensor of an mlx-lm module path (``model.layers.3.self_attn.v_proj`` ->
     ``blk.3.attn_v.weight``), or None when the module has no such tensor."""
-    for c in spellings(path):
-        name = table.get_name(c)
-        if name is not None:
-            return reader.by_name.get(name + suffix)
-    return None
+    name = gguf_name(table, path)
+    return None if name is None else reader.by_name.get(name + suffix)
 
 
 def _raw(t) -> np.ndarray:
@@ -162,32 +151,16 @@ def _fingerprint(reader, table, targets, history=None) -> list:
     return probes
 
 
-def check_fit(reader, table, config: dict, targets, adapter_path, history=None) -> None:
-    """Raise ExportError unless the adapter was trained on the model in this GGUF."""
+def check_gguf_fit(reader, table, config: dict, targets, adapter_path, history=None) -> None:
+    """Raise ExportError unless the adapter was trained on the model in this GGUF
+    (``adapter.check_fit`` with the GGUF's type, sizes, tensors and weights)."""
     arch = _field(reader, "general.architecture")
     mt = config.get("model_type")
-    if GGUF_ARCH.get(mt, mt) != arch:
-        raise ExportError(
-            f"adapter {adapter_path} was trained on a '{mt}' model, the GGUF is '{arch}': "
-            "pass the GGUF of the base it was trained on"
-        )
-    for key, gguf_key in SIZE_KEYS.items():
-        mine, theirs = config.get(key), _field(reader, f"{arch}.{gguf_key}")
-        if mine is not None and theirs is not None and int(mine) != int(theirs):
-            raise ExportError(
-                f"adapter {adapter_path} expects {key}={mine}, the GGUF has {arch}.{gguf_key}={theirs}: "
-                "pass the GGUF of the base it was trained on"
-            )
-    missing = [t.path for t in targets if gguf_tensor(reader, table, t.path) is None]
-    if missing:
-        raise ExportError(f"the GGUF has no tensor for {missing[0]} (and {len(missing) - 1} more)")
-    if config.get("fingerprint"):
-        cos = fingerprint_similarity(_fingerprint(reader, table, targets, history), config["fingerprint"])
-        if cos < MIN_FINGERPRINT_COSINE:
-            raise ExportError(
-                f"adapter {adapter_path} was trained on different base weights (fingerprint "
-                f"similarity {cos:.2f} < {MIN_FINGERPRINT_COSINE}): pass the GGUF of its base"
-            )
+    sizes = {key: (_field(reader, f"{arch}.{name}"), f"{arch}.{name}") for key, (_, name) in SIZE_KEYS.items()}
+    check_fit({**config, "model_type": GGUF_ARCH.get(mt, mt)}, f"adapter {adapter_path}", "the GGUF", arch, sizes,
+              [t.path for t in targets if gguf_tensor(reader, table, t.path) is None],
+              lambda: _fingerprint(reader, table, targets, history),
+              "pass the GGUF of the base it was trained on", error=ExportError)
 
 
 def full_gains(config_targets, stored: dict, layout: Optional[HeadLayout]) -> dict:
@@ -197,9 +170,7 @@ def full_gains(config_targets, stored: dict, layout: Optional[HeadLayout]) -> di
         if t.path not in stored:
             raise ExportError(f"the adapter has no gain for {t.path}: re-save the adapter")
         g = np.asarray(stored[t.path], dtype=np.float32)
-        if t.tied:
-            g = np.repeat(g, layout.n_heads // layout.n_kv_heads, axis=0).reshape(-1)
-        gains[t.path] = g
+        gains[t.path] = expand_tied(g, layout.n_heads // layout.n_kv_heads) if t.tied else g
     return gains
 
 
@@ -625,20 +596,18 @@ def new_history(ops: dict, src_tensors) -> list:
     return out
 
 
-def provenance(config: dict, stored: dict, ops: dict, src_tensors, fallback: str,
+def provenance(config: dict, sha: str, ops: dict, src_tensors, fallback: str,
                adapter_name: str = "", folds: int = 1) -> list:
     """The ``gain_mlx.*`` records an export writes (unless ``--no-metadata``): what was
-    folded in, and the fold history that lets a later export divide it out."""
-    h = hashlib.sha256()
-    for k in sorted(stored):
-        h.update(k.encode() + np.ascontiguousarray(stored[k], dtype="<f4").tobytes())
+    folded in (``sha``: ``provenance.gains_sha256`` of the adapter, as fuse records it),
+    and the fold history that lets a later export divide it out."""
     records = new_history(ops, src_tensors)
     factors = np.concatenate([r.factor.reshape(-1) for r in records]) if records else np.zeros(0)
     return [
         encode_kv(META_PREFIX + "variant", str(config.get("variant"))),
         encode_kv(META_PREFIX + "tie_kv", bool(config.get("tie_kv"))),
         encode_kv(META_PREFIX + "targets", [t["path"] for t in config["targets"]]),
-        encode_kv(META_PREFIX + "gains_sha256", h.hexdigest()),
+        encode_kv(META_PREFIX + "gains_sha256", sha),
         encode_kv(META_PREFIX + "adapter", adapter_name),
         encode_kv(META_PREFIX + "fallback", fallback),
         encode_kv(META_PREFIX + "folds", int(folds)),
@@ -894,15 +863,13 @@ def export_gguf(
     if check_rows < 0:
         raise ExportError(f"--check-rows must be >= 0, not {check_rows}")
     _check_paths(gguf_path, out_path, force)
-    try:
-        config, stored = read_adapter(adapter_path)
-    except AdapterError as e:
-        raise ExportError(str(e)) from None
+    adapter_path = resolve_adapter(adapter_path)
+    config, stored = read_adapter(adapter_path)
     src = _open(gguf_path)
     history = read_history(src, gguf_path)
     table = tensor_name_map(src)
     targets = targets_from_config(config)
-    check_fit(src, table, config, targets, adapter_path, history)
+    check_gguf_fit(src, table, config, targets, adapter_path, history)
     layout = _layout(src, table, targets)
     gains = full_gains(targets, stored, layout)
     adapter_name = Path(adapter_path).resolve().name
@@ -920,7 +887,7 @@ def export_gguf(
         edits = [Edit(e.tensor, e.step, forced.get(e.tensor, e.how)) for e in edits]
         ops = build_ops(edits, src.by_name, history)
         try:
-            report = _write(src, gguf_path, out_path, ops, config, stored, fallback, metadata, adapter_name,
+            report = _write(src, gguf_path, out_path, ops, config, gains_sha256(adapter_path), fallback, metadata, adapter_name,
                             folds + 1, check_rows, fsync)
             break
         except _Reroute as r:
@@ -934,12 +901,12 @@ def export_gguf(
     return report
 
 
-def _write(src, gguf_path, out_path, ops, config, stored, fallback, metadata, adapter_name, folds,
+def _write(src, gguf_path, out_path, ops, config, sha, fallback, metadata, adapter_name, folds,
            check_rows, fsync) -> list:
     """Write the output to a temp file beside ``out_path``, patch, verify, rename."""
     tensors = src.by_name
     converted = {name: op for name, op in ops.items() if op.how in CONVERT_TYPES}
-    add_kv = provenance(config, stored, ops, tensors, fallback, adapter_name, folds) if metadata else ()
+    add_kv = provenance(config, sha, ops, tensors, fallback, adapter_name, folds) if metadata else ()
     tmp = temp_path(out_path)  # .tmp-<pid>-<name>; ones left by killed runs are removed
     try:
         replace = {

@@ -3,9 +3,11 @@
 Kept free of mlx-lm imports: the GGUF exporter needs the names, not the models.
 """
 
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 from gguf import MODEL_ARCH_NAMES, TensorNameMap
+
+from . import GGUFImportError
 
 _SUFFIXES = (".weight", ".bias")
 _EXPERT_LEAVES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
@@ -26,16 +28,28 @@ def spellings(path: str) -> Iterator[str]:
         yield "gpt_neox." + (rest.replace("h.", "layers.", 1) if rest.startswith("h.") else rest)
 
 
+def name_table(arch: str, n_layers: int) -> TensorNameMap:
+    """gguf-py's name table of a GGUF architecture (``general.architecture``)."""
+    by_value = {v: k for k, v in MODEL_ARCH_NAMES.items()}
+    if arch not in by_value:
+        raise GGUFImportError(f"GGUF architecture {arch!r} is unknown to the installed gguf-py; upgrade gguf")
+    return TensorNameMap(by_value[arch], n_layers)
+
+
+def gguf_name(table: TensorNameMap, module: str) -> Optional[str]:
+    """The GGUF name (without ``.weight``) of an mlx-lm module path, or None."""
+    return next(filter(None, (table.get_name(s) for s in spellings(module))), None)
+
+
 def name_map(arch: str, n_layers: int, mlx_names) -> Dict[str, str]:
     """GGUF tensor name -> mlx-lm parameter name, from gguf-py's own name table."""
-    by_value = {v: k for k, v in MODEL_ARCH_NAMES.items()}
-    table = TensorNameMap(by_value[arch], n_layers)
+    table = name_table(arch, n_layers)
     mapping = {}
     for name in mlx_names:
         module, _, suffix = name.rpartition(".")
         if "." + suffix not in _SUFFIXES:
             continue
-        gguf_name = next(filter(None, (table.get_name(s) for s in spellings(module))), None)
-        if gguf_name is not None:
-            mapping[f"{gguf_name}.{suffix}"] = name
+        found = gguf_name(table, module)
+        if found is not None:
+            mapping[f"{found}.{suffix}"] = name
     return mapping

@@ -211,16 +211,6 @@ def rows_scalable(qtype, factor) -> bool:
     return bool(np.all(m == 0.5))
 
 
-def field_mask(qtype) -> np.ndarray:
-    """Boolean mask over one block's bytes: True where scale fields live (for IQ1_M the
-    whole scale words, of which only the top nibbles change)."""
-    layout = check_type(qtype)
-    mask = np.zeros(GGML_QUANT_SIZES[qtype][1], dtype=bool)
-    for o in layout.offsets:
-        mask[o : o + FIELD_BYTES[layout.kind]] = True
-    return mask
-
-
 @lru_cache(maxsize=None)
 def can_quantize(qtype) -> bool:
     """Whether gguf-py can quantize this type (needed to requantize)."""

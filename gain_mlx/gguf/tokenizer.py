@@ -15,6 +15,8 @@ import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
 from tokenizers import normalizers, pre_tokenizers, processors
 
+from . import GGUFImportError
+
 T = gguf.TokenType
 
 # Pre-tokenizer regexes, verbatim from llama.cpp src/llama-vocab.cpp
@@ -78,7 +80,7 @@ def _vocab(reader):
     """(tokens, token types as llama.cpp sees them, text -> id)."""
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if tokens is None:
-        raise ValueError("GGUF has no tokenizer.ggml.tokens: it carries no vocabulary")
+        raise GGUFImportError("GGUF has no tokenizer.ggml.tokens: it carries no vocabulary")
     tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
     types = _field(reader, "tokenizer.ggml.token_type") or [T.NORMAL] * len(tokens)
     types = [
@@ -88,7 +90,7 @@ def _vocab(reader):
     vocab = {}
     for i, s in enumerate(tokens):
         if vocab.setdefault(s, i) != i:
-            raise ValueError(f"duplicate token {s!r} in GGUF vocabulary (ids {vocab[s]}, {i})")
+            raise GGUFImportError(f"duplicate token {s!r} in GGUF vocabulary (ids {vocab[s]}, {i})")
     return tokens, types, vocab
 
 
@@ -139,7 +141,7 @@ def _bpe_merges(reader, vocab):
 def _build_bpe(reader, tokens, vocab):
     pre = _field(reader, "tokenizer.ggml.pre", "default")
     if pre not in _PRE:
-        raise ValueError(
+        raise GGUFImportError(
             f"unsupported tokenizer.ggml.pre {pre!r}; supported: {', '.join(sorted(_PRE))}"
         )
     regexes, ignore_merges, _ = _PRE[pre]
@@ -206,7 +208,7 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` that tokenizes like llama.cpp on this GGUF."""
     model = _field(reader, "tokenizer.ggml.model")
     if model not in _MODELS:
-        raise ValueError(
+        raise GGUFImportError(
             f"unsupported tokenizer.ggml.model {model!r}; supported: {', '.join(_MODELS)}"
         )
     tokens, types, vocab = _vocab(reader)
