@@ -8,7 +8,7 @@ peak from ``mx.get_peak_memory``):
 
 - ``convert``: the GGUF -> MLX folder (``quantized-float32``: the GPU policy's form with
   float32 compute, the compute this CPU can run; ``float32``: today's float copy);
-- ``train``: one gain-ffn training step through ``gain_mlx.train.train_gains`` (batch 1,
+- ``train``: one gain-ffn training step through ``gain_mlx.trainer.train_gains`` (batch 1,
   ``--seq`` tokens, gradient checkpointing, Adam), saving the adapter;
 - ``fuse``: ``gain_mlx.fuse.fuse`` of that adapter into the MLX folder;
 - ``export``: ``gain_mlx.gguf.export`` of that adapter into a copy of the GGUF.
@@ -148,7 +148,7 @@ def phase_train(folder: str, adapter: str, seq: int) -> dict:
     from mlx_lm.utils import load_model
 
     from gain_mlx.adapter import adapter_config, apply_gains, save_adapter
-    from gain_mlx.train import train_gains
+    from gain_mlx.trainer import train_gains
 
     model, _ = load_model(Path(folder))
     targets = apply_gains(model, variant="gain-ffn", tie_kv=True)
