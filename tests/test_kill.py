@@ -185,7 +185,7 @@ def test_fuse_force_killed_keeps_previous(tiny_model_dir, trained_adapter, fused
 
 
 def export_args(gguf, adapter, out, *extra):
-    return ["--gguf", gguf, "--adapter-path", adapter, "--out", out, "--no-fast-blas", *extra]
+    return ["--gguf", gguf, "--adapter-path", adapter, "--out", out, *extra]
 
 
 @pytest.mark.parametrize("kill, force", [(("open", ".tmp-*-o.gguf", 1), False),
