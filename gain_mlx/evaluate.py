@@ -75,9 +75,8 @@ def evaluate(model=None, adapters=(), tasks=(), *, include_path=None, num_fewsho
     require_lm_eval()
     import lm_eval
 
-    from .adapter import AdapterError, read_adapter
-    from .generate import load
-    from .hub import resolve_adapter
+    from .adapter import AdapterError, read_adapter, resolve_adapter
+    from .loading import load
     from .lmeval import GainLM, Runner
     from .multi import AdapterSet
 

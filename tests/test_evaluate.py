@@ -15,6 +15,9 @@ def _check(models: dict, reference: dict):
     assert list(models) == ["base", "a", "b"]
     for name, out in models.items():
         res, ref = out["results"], reference[name]
+        print(f"in-process {name}: acc {res[MC]['acc,none']:.4f} (reference {ref[MC]['acc']:.4f}), word ppl "
+              f"{res[PPL]['word_perplexity,none']:.6g} ({ref[PPL]['word_perplexity']:.6g}), byte ppl "
+              f"{res[PPL]['byte_perplexity,none']:.6g} ({ref[PPL]['byte_perplexity']:.6g})")
         assert res[MC]["acc,none"] == ref[MC]["acc"], name
         for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
             assert math.isclose(res[PPL][f"{metric},none"], ref[PPL][metric], rel_tol=1e-4), (name, metric)

@@ -78,7 +78,7 @@ def make_adapters(model_spec, folder: Path, n: int) -> list:
     import numpy as np
 
     from gain_mlx.adapter import adapter_config, apply_gains, save_adapter
-    from gain_mlx.generate import load
+    from gain_mlx.loading import load
 
     out = []
     for i in range(n):
