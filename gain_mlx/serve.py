@@ -51,7 +51,7 @@ from .serve_engine import (
     check_name,
 )
 from .serve_validation import MISSING, APIError, get_field, parse_body, parse_request
-from .serve_text import run_job, token_texts
+from .serve_text import detokenizer, run_job, token_texts
 
 log = logging.getLogger("gain_mlx.serve")
 
@@ -331,7 +331,8 @@ class Handler(BaseHTTPRequestHandler):
         choices, n_prompt, n_out = [], 0, 0
         for index, job in enumerate(jobs):
             text, toks, lps, tops, finish = [], [], [], [], None
-            for chunk, tok, lp, top, finish in run_job(self.engine, job, stop, gone=self._client_gone, keep_eos=echo):
+            for chunk, tok, lp, top, finish in run_job(self.engine, job, stop, gone=self._client_gone, keep_eos=echo,
+                                                       keep_space=True):
                 text.append(chunk)
                 if tok is not None:
                     toks.append(tok)
@@ -349,7 +350,7 @@ class Handler(BaseHTTPRequestHandler):
                     lps = [None] + [lp for lp, _ in scored] + lps
                     tops = [None] + [self._top_dict(t) for _, t in scored] + tops
             elif params.logprobs:
-                pieces = token_texts(tokenizer, toks)
+                pieces = token_texts(tokenizer, toks, keep_space=True)
             if params.logprobs:
                 offsets = [0]
                 for piece in pieces[:-1]:
@@ -377,9 +378,10 @@ class Handler(BaseHTTPRequestHandler):
 
         if chat:
             send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-        n, offset, detok = 0, 0, self.engine.tokenizer.detokenizer
+        n, offset, detok = 0, 0, detokenizer(self.engine.tokenizer, keep_space=not chat)
         try:
-            for chunk, tok, lp, top, finish in run_job(self.engine, job, stop, gone=self._client_gone):
+            for chunk, tok, lp, top, finish in run_job(self.engine, job, stop, gone=self._client_gone,
+                                                       keep_space=not chat):
                 n += tok is not None
                 logprobs = None
                 if params.logprobs and chat:

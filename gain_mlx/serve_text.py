@@ -7,11 +7,24 @@ import time
 from .serve_engine import Engine, EngineTimeout, Job
 
 
+def detokenizer(tokenizer, keep_space: bool = False):
+    """A fresh streaming detokenizer. mlx-lm's drop the space a text starts with;
+    ``keep_space`` keeps it, as legacy completions need: prompt + text reads as the
+    decoded whole (what lm-eval and other harnesses compare)."""
+    detok = tokenizer.detokenizer
+    if keep_space:
+        if hasattr(detok, "trim_space"):  # SPM's switch
+            detok.trim_space = False
+        if hasattr(detok, "_maybe_trim_space"):  # BPE's has none: its trimming step, on this copy only
+            detok._maybe_trim_space = lambda text: text
+    return detok
+
+
 class TextStream:
     """Detokenizes a job's tokens and applies the request's stop strings."""
 
-    def __init__(self, tokenizer, stop):
-        self.detok = tokenizer.detokenizer
+    def __init__(self, tokenizer, stop, keep_space: bool = False):
+        self.detok = detokenizer(tokenizer, keep_space)
         self.stop = stop
         self.held = ""
 
@@ -40,11 +53,13 @@ class ClientGone(ConnectionError):
     """The client closed its connection: its generation is cancelled."""
 
 
-def run_job(engine: Engine, job: Job, stop: list, timeout: float = 600, gone=None, keep_eos=False):
+def run_job(engine: Engine, job: Job, stop: list, timeout: float = 600, gone=None, keep_eos=False,
+            keep_space=False):
     """Yields ``(text, token, logprob, top, finish_reason)`` as the job's tokens arrive.
     ``gone()`` is polled a few times a second: when true the job is cancelled. The
-    end-of-sequence token is yielded (with no text) only when ``keep_eos``."""
-    text = TextStream(engine.tokenizer, stop)
+    end-of-sequence token is yielded (with no text) only when ``keep_eos``; ``keep_space``:
+    see :func:`detokenizer`."""
+    text = TextStream(engine.tokenizer, stop, keep_space)
     eos = engine.tokenizer.eos_token_ids
     deadline = time.monotonic() + timeout
     next_check = 0.0
@@ -79,9 +94,9 @@ def run_job(engine: Engine, job: Job, stop: list, timeout: float = 600, gone=Non
             return
 
 
-def token_texts(tokenizer, ids) -> list:
+def token_texts(tokenizer, ids, keep_space: bool = False) -> list:
     """The text each token adds to the decoded text (so that they join to it exactly)."""
-    detok = tokenizer.detokenizer
+    detok = detokenizer(tokenizer, keep_space)
     out = []
     for t in ids:
         detok.add_token(t)

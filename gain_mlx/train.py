@@ -1,4 +1,6 @@
-"""``python -m gain_mlx.train``: learn GAIN gains on a frozen mlx-lm model.
+"""``python -m gain_mlx.train``: learn GAIN gains on a frozen mlx-lm model (the CLI and its
+config; the loop and checkpoints are in :mod:`gain_mlx.trainer`, the data in
+:mod:`gain_mlx.datasets`, continued adapters in :mod:`gain_mlx.lineage`).
 
 Flags follow ``mlx_lm.lora`` (plus ``-c config.yaml``). The loop reuses mlx-lm's
 batching, loss, evaluation, gradient checkpointing, optimizers and reporting callbacks;
@@ -10,37 +12,29 @@ domain.
 """
 
 import argparse
-import hashlib
-import json
 import math
-import time
 import types
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import yaml
-from mlx.nn.utils import average_gradients
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx.utils import tree_flatten
 from mlx_lm.lora import yaml_loader  # reads 1e-3 as a float, as mlx-lm does
-from mlx_lm.tuner.trainer import TrainingArgs, grad_checkpoint, iterate_batches
+from mlx_lm.tuner.trainer import TrainingArgs
 
 from . import adapter as gain_adapter
 from . import cpu, policy
 from .arch import ARCHITECTURES, VARIANTS
 from .errors import UsageError, UserError, cli
-from .files import atomic_write, save_safetensors
-from .loss import across_streams, summed_loss
-from .monitor import (KEEP, Monitor, evaluate_loss, isolated, load_retain_set, parse_budgets,
-                      parse_retain_specs, read_history, set_name)
-from .progress import progress, say
+from .datasets import check_sizes, data_folder, load_data, truncate
+from .lineage import continue_adapter, lineage_sets, record_stage, stage_record
+from .monitor import (KEEP, Monitor, evaluate_loss, load_retain_set, parse_budgets, parse_retain_specs,
+                      read_history)
+from .progress import say
+from .trainer import CHECKPOINT_FILE, read_checkpoint, restore_optimizer, save_checkpoint, train_gains
 
-EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
-CHECKPOINT_FILE = "checkpoint.safetensors"  # what --resume reads (one atomic file)
-STATE_FILE = "trainer_state.json"
 
 # Gains sit at 1 and have no direction to find, only a size: they need a far larger
 # step than LoRA's 1e-5. Measured on SmolLM2-135M (README, "Choosing the learning rate").
@@ -193,313 +187,6 @@ def parse_args(argv=None) -> types.SimpleNamespace:
     return types.SimpleNamespace(**args)
 
 
-def save_checkpoint(model, optimizer, adapter_path: Path, config: dict, step: int, args, history=()) -> None:
-    """Everything ``--resume`` needs goes into one file, written atomically first: gains,
-    optimizer state, step, data-order settings, adapter config and evaluation history. A
-    process killed at any point therefore leaves a consistent checkpoint (this one or the
-    previous); the adapter files and trainer_state.json follow it."""
-    adapter_path.mkdir(parents=True, exist_ok=True)
-    arrays = {f"gains/{k}": v for k, v in tree_flatten(model.trainable_parameters())}
-    arrays.update({f"optimizer/{k}": v for k, v in tree_flatten(optimizer.state)})
-    state = {"step": step, "seed": args.seed, "batch_size": args.batch_size}
-    meta = {"trainer_state": json.dumps(state), "config": json.dumps(config), "history": json.dumps(list(history))}
-    atomic_write(adapter_path / CHECKPOINT_FILE, lambda tmp: save_safetensors(tmp, arrays, metadata=meta))
-    gain_adapter.save_adapter(model, adapter_path, config)
-    atomic_write(adapter_path / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(state) + "\n"))
-
-
-def read_checkpoint(adapter_path: Path):
-    """(state, config, history, gains, optimizer arrays) of the checkpoint in ``adapter_path``."""
-    ckpt = adapter_path / CHECKPOINT_FILE
-    if not ckpt.is_file():
-        raise UserError(f"--resume: no checkpoint in {adapter_path} ({CHECKPOINT_FILE} missing)")
-    try:
-        arrays, meta = mx.load(str(ckpt), return_metadata=True)
-        state, config, history = (json.loads(meta[k]) for k in ("trainer_state", "config", "history"))
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"--resume: {ckpt} is truncated or corrupt ({e}): train afresh without --resume") from None
-    part = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-    return state, config, history, part("gains/"), part("optimizer/")
-
-
-def restore_optimizer(optimizer, model, saved: dict) -> None:
-    optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_map_with_path(lambda path, x: saved.get(path, x), optimizer.state)
-
-
-def check_finite(step: int, loss, model) -> None:
-    """Stop on a non-finite loss or gain (after ``mx.eval``), before anything is saved."""
-    finite = math.isfinite(loss.item()) and all(
-        bool(mx.isfinite(v).all()) for _, v in tree_flatten(model.trainable_parameters())
-    )
-    if not finite:
-        raise UserError(
-            f"step {step}: the loss or gains became non-finite (NaN/inf); the last checkpoint on "
-            "disk is the last good one: try a lower --learning-rate, or --resume from it"
-        )
-
-
-def loss_and_grad(model, micro_batches=1):
-    """``f(batch, lengths) -> ((loss, ntoks), grad)``, as ``nn.value_and_grad(model, default_loss)``.
-
-    ``micro_batches > 1`` (CPU): the batch is split into that many parts, each computed on
-    its own CPU stream, so the cores run side by side (:func:`gain_mlx.cpu.step_parallelism`);
-    losses and gradients are summed over the parts, then divided by the token count.
-    """
-    value_and_grad = nn.value_and_grad(model, summed_loss)
-    streams = cpu.streams(micro_batches)
-
-    def f(batch, lengths):
-        if not streams:
-            (total, ntoks), grad = value_and_grad(model, batch, lengths)
-        else:
-            parts = across_streams(lambda b, l: value_and_grad(model, b, l), streams, batch, lengths)
-            total = sum(p[0][0] for p in parts)
-            ntoks = sum(p[0][1] for p in parts)
-            grad = tree_map(lambda *g: sum(g), *[p[1] for p in parts])
-        return (total / ntoks, ntoks), tree_map(lambda g: g / ntoks, grad)
-
-    return f
-
-
-def train_gains(
-    model,
-    optimizer,
-    train_set,
-    valid_set,
-    args: TrainingArgs,
-    seed: int = 0,
-    start_step: int = 0,
-    on_save=None,
-    log=print,
-    monitor=None,
-    show_progress=False,
-    callback=None,
-) -> dict:
-    """Train the model's trainable parameters (its gains) from ``start_step`` to ``args.iters``.
-
-    Returns the last reported metrics. ``on_save(step)`` is called at each checkpoint.
-    ``monitor`` (a :class:`Monitor`) evaluates validation and retain perplexity at step 0
-    and every ``steps_per_eval``; without one, ``valid_set`` alone is evaluated.
-    ``show_progress``: a progress bar with rate and ETA on stderr. ``callback``: an
-    mlx-lm ``TrainingCallback`` (``--report-to``) given every training report and every
-    evaluation (validation and each retain set).
-    """
-    world = mx.distributed.init()
-    rank, world_size = world.rank(), world.size()
-    log = log if rank == 0 else (lambda *a, **k: None)
-    if args.grad_checkpoint:
-        grad_checkpoint(model.layers[0])
-    micro_batches, step_threads = policy.step_parallelism(args.batch_size // world_size)
-    loss_value_and_grad = loss_and_grad(model, micro_batches)
-    accum = args.grad_accumulation_steps
-    state = [model.state, optimizer.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch, lengths, prev_grad, do_update):
-        (loss, ntoks), grad = loss_value_and_grad(batch, lengths)
-        if prev_grad is not None:
-            grad = tree_map(lambda a, b: a + b, grad, prev_grad)
-        if do_update:
-            grad = average_gradients(grad)
-            if accum > 1:
-                grad = tree_map(lambda g: g / accum, grad)
-            optimizer.update(model, grad)
-            grad = None
-        return loss, ntoks, grad
-
-    if monitor is None and valid_set:
-        monitor = Monitor(valid_set, None, args.batch_size, args.val_batches, args.max_seq_length, None)
-    def validate(it, train_loss=None):
-        tic = time.perf_counter()
-        row = monitor.evaluate(model, it, train_loss, optimizer.learning_rate.item())
-        model.train()
-        took = time.perf_counter() - tic
-        log(f"Iter {it}: {Monitor.describe(row)}, took {took:.1f}s")
-        if callback is not None and rank == 0:
-            callback.on_val_loss_report(_val_info(row, it, took))
-        return row
-
-    batches = isolated(
-        iterate_batches(
-            dataset=train_set,
-            batch_size=args.batch_size,
-            max_seq_length=args.max_seq_length,
-            loop=True,
-            seed=seed,
-            comm_group=world,
-        )
-    )
-    for _ in range(start_step):  # replay the data order of the interrupted run
-        next(batches)
-
-    metrics = {}
-    if monitor is not None and monitor.active and not monitor.history:
-        say("Evaluating the base model (step 0) ...")
-        metrics.update(validate(start_step))
-    # The bar starts after the base evaluation, so its rate and ETA are the training's.
-    bar = progress(total=args.iters, desc="Training", unit="step", initial=start_step) if show_progress else None
-    if bar is not None:
-        log = _above_bar(log, bar)
-    model.train()
-    losses, n_tokens, steps, train_time, grad, last_loss = 0.0, 0, 0, 0.0, None, None
-    mx.reset_peak_memory()
-    for it in range(start_step + 1, args.iters + 1):
-        batch, lengths = next(batches)
-        tic = time.perf_counter()
-        with cpu.blas_threads(step_threads):
-            loss, toks, grad = step(batch, lengths, grad, it % accum == 0)
-            mx.eval(state, loss, toks, grad)
-        check_finite(it, loss, model)
-        train_time += time.perf_counter() - tic
-        last_loss = loss.item()
-        losses += last_loss
-        n_tokens += toks.item()
-        steps += 1
-        if bar is not None:
-            bar.set_postfix_str(f"loss {last_loss:.3f}, {n_tokens / train_time:.0f} tok/s", refresh=False)
-            bar.update()
-        if it % args.steps_per_report == 0 or it == args.iters:
-            train_loss = mx.distributed.all_sum(mx.array(losses), stream=mx.cpu).item() / (steps * world_size)
-            tokens = mx.distributed.all_sum(mx.array(n_tokens), stream=mx.cpu).item()
-            metrics.update(
-                iteration=it,
-                train_loss=train_loss,
-                tokens_per_second=tokens / train_time,
-                peak_memory_gb=mx.get_peak_memory() / 1e9,
-            )
-            lr = optimizer.learning_rate.item()
-            if callback is not None and rank == 0:
-                callback.on_train_loss_report({
-                    "iteration": it, "train_loss": train_loss, "learning_rate": lr,
-                    "iterations_per_second": steps / train_time, "tokens_per_second": metrics["tokens_per_second"],
-                    "trained_tokens": tokens, "peak_memory": metrics["peak_memory_gb"],
-                })
-            log(
-                f"Iter {it}: train loss {train_loss:.3f}, lr {lr:.2e}, "
-                f"{steps / train_time:.2f} it/s, {metrics['tokens_per_second']:.0f} tok/s, "
-                f"peak mem {metrics['peak_memory_gb']:.2f} GB"
-            )
-            losses, n_tokens, steps, train_time = 0.0, 0, 0, 0.0
-        if monitor is not None and monitor.active and (it % args.steps_per_eval == 0 or it == args.iters):
-            metrics.update(validate(it, last_loss))
-        if on_save and grad is None and (it % args.steps_per_save == 0 or it == args.iters or (monitor and monitor.stop)):
-            on_save(it)
-        if monitor is not None and monitor.stop:
-            log(f"Iter {it}: stopped: retain perplexity is over the budget")
-            break
-    if bar is not None:
-        bar.close()
-    if "val_ppl" in metrics:
-        metrics["val_loss"] = math.log(metrics["val_ppl"])
-    return metrics
-
-
-def _val_info(row, it, took) -> dict:
-    """An evaluation row as mlx-lm's callbacks take it: val_loss plus every set's ppl and change."""
-    info = {"iteration": it, "val_time": took}
-    if "val_ppl" in row:
-        info["val_loss"] = math.log(row["val_ppl"])
-    info.update((k, v) for k, v in row.items() if k.endswith(("_ppl", "_change")))
-    info["within_budget"] = int(row["within_budget"])
-    return info
-
-
-def _above_bar(log, bar):
-    """A log function that prints above a tqdm bar instead of through it."""
-    if not hasattr(bar, "write"):
-        return log
-    if log is print:
-        return lambda msg="", *a, **k: bar.write(str(msg))
-    return log
-
-
-class Truncated:
-    """A dataset whose items are cut to ``max_len`` tokens (mlx-lm would warn every batch)."""
-
-    def __init__(self, dataset, max_len: int):
-        self._data, self._max_len = dataset, max_len
-
-    def __len__(self):
-        return len(self._data)
-
-    def __getitem__(self, idx):
-        item = self._data[idx]
-        if isinstance(item, tuple):
-            return item[0][: self._max_len], item[1]
-        return item[: self._max_len]
-
-    def count_truncated(self) -> int:
-        def length(item):
-            return len(item[0] if isinstance(item, tuple) else item)
-
-        return sum(length(self._data[i]) > self._max_len for i in range(len(self._data)))
-
-
-def _truncate(dataset, max_len: int, name: str):
-    if not len(dataset):
-        return dataset
-    wrapped = Truncated(dataset, max_len)
-    n = wrapped.count_truncated()
-    if n:
-        print(
-            f"Note: {n} of {len(dataset)} {name} sequences are longer than --max-seq-length "
-            f"{max_len} and are truncated; split the data into shorter chunks to use all of it"
-        )
-    return wrapped
-
-
-def _check_jsonl(path: Path) -> None:
-    """Name the first line of ``path`` that is not a JSON object."""
-    if not path.is_file():
-        return
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            try:
-                if line.strip() and not isinstance(json.loads(line), dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as e:
-                raise UserError(f"{path} line {i} is not a valid JSON object ({e}): fix or remove that line") from None
-
-
-def _load_data(args, tokenizer):
-    from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
-
-    data = Path(args.data) if args.data else EXAMPLE_DATA
-    if args.data is None:
-        print(f"No --data given: using the example dataset in {data}")
-    if not (data / "train.jsonl").is_file():
-        raise UserError(f"{data}/train.jsonl not found: --data needs a folder with train.jsonl (and valid.jsonl)")
-    if not (data / "train.jsonl").read_text().strip():
-        raise UserError(f"{data}/train.jsonl is empty: add training examples, one JSON object a line")
-    for name in ("train", "valid", "test"):
-        _check_jsonl(data / f"{name}.jsonl")
-    if not (data / "valid.jsonl").is_file():
-        print(f"Note: no {data}/valid.jsonl: training without validation (add one to see validation loss)")
-    try:
-        sets = load_local_dataset(data, tokenizer, args)
-    except (ValueError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the data in {data}: {e}") from None
-    return [
-        _truncate(CacheDataset(s), args.max_seq_length, name) if len(s) else s
-        for s, name in zip(sets, ("train", "valid", "test"))
-    ]
-
-
-def _check_sizes(args, train_set):
-    for name in ("iters", "batch_size", "steps_per_report", "steps_per_eval", "save_every", "grad_accumulation_steps"):
-        if getattr(args, name) < (0 if name == "iters" else 1):
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    if Path(args.adapter_path).exists() and not Path(args.adapter_path).is_dir():
-        raise UsageError(f"--adapter-path {args.adapter_path} is a file: pass a folder")
-    if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
-        raise UsageError(f"--learning-rate {args.learning_rate} must be a positive finite number")
-    if args.iters and len(train_set) < args.batch_size:
-        raise UserError(
-            f"train.jsonl has {len(train_set)} examples, fewer than --batch-size {args.batch_size}"
-        )
-
-
 def resolve_tie_kv(mode, model, quantized: bool) -> tuple:
     """(tie, why) for --tie-kv auto/on/off (True/False accepted from old configs)."""
     if mode in (True, "on"):
@@ -516,94 +203,6 @@ def resolve_tie_kv(mode, model, quantized: bool) -> tuple:
     if not quantized:
         return False, "auto: float base, gains fold exactly without tying"
     return True, "auto: quantized GQA base, an exact fold into V rows needs it"
-
-
-def _data_folder(args) -> Path:
-    return Path(args.data) if args.data else EXAMPLE_DATA
-
-
-def data_fingerprint(folder: Path) -> str:
-    """sha256 (16 hex digits) of a data folder's train.jsonl and valid.jsonl."""
-    h = hashlib.sha256()
-    for name in ("train.jsonl", "valid.jsonl"):
-        if (folder / name).is_file():
-            h.update(name.encode() + b"\0" + (folder / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def stage_record(args, source=None) -> dict:
-    """One stage of an adapter's lineage (``final``: filled in at each save)."""
-    data = _data_folder(args)
-    return {"data": str(data.resolve()), "data_fingerprint": data_fingerprint(data), "steps": args.iters,
-            "learning_rate": args.learning_rate, "lr_schedule": args.lr_schedule, "optimizer": args.optimizer,
-            "batch_size": args.batch_size, "seed": args.seed, "continued_from": source, "final": None}
-
-
-def record_stage(config: dict, step: int, row, kept=False) -> None:
-    """The steps and final metrics (an evaluation row) of the lineage's current stage."""
-    if not config.get("lineage"):
-        return
-    stage = config["lineage"][-1]
-    stage["steps"] = step
-    if row is not None:
-        stage["final"] = {k: v for k, v in row.items() if k not in ("lr", "within_budget")}
-        stage["final"]["kept"] = "best" if kept else "last"
-
-
-def _adapter_files(spec) -> tuple:
-    """(folder, gains file) of ``--resume-adapter-file``: a folder or its gains file."""
-    path = Path(spec) if Path(spec).is_file() else gain_adapter.resolve_adapter(spec)  # a Hub id too
-    folder, gains = (path, path / gain_adapter.GAINS_FILE) if path.is_dir() else (path.parent, path)
-    if not gains.is_file() or not (folder / gain_adapter.CONFIG_FILE).is_file():
-        raise UserError(f"--resume-adapter-file {spec}: no {gain_adapter.GAINS_FILE} and {gain_adapter.CONFIG_FILE} "
-                        "there: pass an adapter folder or its gains file")
-    return folder, gains
-
-
-def continue_adapter(model, args) -> dict:
-    """Apply and load the gains of ``--resume-adapter-file`` on the same base, variant and
-    targets; returns its config with a new lineage stage."""
-    folder, gains_file = _adapter_files(args.resume_adapter_file)
-    source = f"--resume-adapter-file {args.resume_adapter_file}"
-    config, _ = gain_adapter.read_adapter(folder)
-    tie = None if args.tie_kv == "auto" else args.tie_kv in (True, "on")
-    given = getattr(args, "given", ())
-    for key, flag, value in (("variant", "--variant", args.variant), ("custom_targets", "--targets", args.targets),
-                             ("tie_kv", "--tie-kv", tie)):
-        if flag[2:].replace("-", "_") in given and value is not None and value != config.get(key):
-            raise UserError(f"{source} has {flag} {config.get(key)}, not {value}: continue it with the same "
-                            f"{flag} (or leave {flag} out), or train a new adapter")
-    gain_adapter.load_adapter(model, folder, source=source, gains_file=gains_file)
-    args.variant, args.tie_kv = config["variant"], config["tie_kv"]
-    config = dict(config)
-    earlier = config.get("lineage") or [{"data": config.get("data"), "final": None, "note": "trained before "
-                                         "gain_mlx recorded lineage"}]
-    config["lineage"] = [*earlier, stage_record(args, source=str(folder.resolve()))]
-    print(f"Continuing {folder} (stage {len(config['lineage'])} of its lineage; fresh {args.optimizer} optimizer)")
-    return config
-
-
-def lineage_sets(lineage, specs, data: Path) -> list:
-    """``[(name, valid.jsonl)]`` of earlier stages still on disk, beside ``specs``; says which."""
-    names, paths = {n for n, _ in specs}, {Path(p).resolve() for _, p in specs}
-    paths.add((data / "valid.jsonl").resolve())
-    found, missing = [], []
-    for i, stage in enumerate(lineage, 1):
-        valid = Path(stage["data"]) / "valid.jsonl" if stage.get("data") else None
-        if valid is None or not valid.is_file():
-            missing.append(stage.get("data") or f"stage {i}")
-            continue
-        if valid.resolve() in paths or Path(stage["data"]).resolve() in paths:
-            continue
-        name = set_name(Path(stage["data"]))
-        name = name if name not in names and name != "val" else f"{name}-{i}"
-        names.add(name)
-        paths.add(valid.resolve())
-        found.append((name, valid))
-    print("Watching the earlier stages' validation data (--no-watch-lineage: off): "
-          + (", ".join(f"{n} ({p})" for n, p in found) or "none")
-          + (f"; not on disk: {', '.join(missing)}" if missing else ""))
-    return found
 
 
 def reporting_callback(args, config: dict, specs):
@@ -652,8 +251,8 @@ def run(args) -> dict:
     model, base_note = policy.compute_model(model, args.dequantize)
     if base_note:
         print(f"Training on {base_note}")
-    train_set, valid_set, test_set = _load_data(args, tokenizer)
-    _check_sizes(args, train_set)
+    train_set, valid_set, test_set = load_data(args, tokenizer)
+    check_sizes(args, train_set)
     adapter_path = Path(args.adapter_path)
     specs = parse_retain_specs(args.retain_data)
     if args.resume and args.resume_adapter_file:
@@ -684,11 +283,11 @@ def run(args) -> dict:
             lineage=[stage_record(args)],
         )
     if args.watch_lineage and len(config.get("lineage") or []) > 1:  # a continued adapter
-        specs += lineage_sets(config["lineage"][:-1], specs, _data_folder(args))
+        specs += lineage_sets(config["lineage"][:-1], specs, data_folder(args))
     retain = {}
     for name, path in specs:
         path, dataset = load_retain_set(str(path), tokenizer, args)
-        retain[name] = _truncate(dataset, args.max_seq_length, name)
+        retain[name] = truncate(dataset, args.max_seq_length, name)
         print(f"Retain set {name} (forgetting check): {path}, {len(dataset)} sequences")
     budgets = parse_budgets(args.retain_budget, list(retain))
     if model.model_type in ARCHITECTURES and ARCHITECTURES[model.model_type].post_norm:

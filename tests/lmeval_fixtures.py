@@ -20,7 +20,9 @@ Conventions the reference follows (lm-eval's, for a tokenizer that adds no BOS):
 loglikelihood of (context, " " + choice) sums the continuation tokens, where the
 continuation tokens are ``encode(context + cont)[len(encode(context)):]``; rolling
 loglikelihood predicts every token of the text, the first from the prefix token (BOS,
-else EOS); word/byte perplexity are ``exp(-sum ll / sum words (bytes))`` over the docs.
+else EOS); word/byte perplexity are ``exp(-sum ll / sum words (bytes))`` over the docs;
+a generation is ``tokenizer.decode`` of the greedy tokens (EOS left out, leading space
+kept), cut at the first ``until`` string.
 """
 
 import json
@@ -216,7 +218,9 @@ def _greedy(model, tok, prompt: str) -> str:
     from mlx_lm import stream_generate
 
     ids = tok.encode(prompt, add_special_tokens=False)
-    text = "".join(r.text for r in stream_generate(model, tok, ids, max_tokens=GEN_MAX_TOKENS))
+    out = list(stream_generate(model, tok, ids, max_tokens=GEN_MAX_TOKENS))
+    tokens = [r.token for r in out[: -1 if out and out[-1].finish_reason == "stop" else None]]
+    text = tok.decode(tokens)  # all at once, as lm-eval's HFLM (mlx-lm's streaming text drops a leading space)
     cut = min([i for i in (text.find(u) for u in GEN_UNTIL) if i >= 0], default=len(text))
     return text[:cut]
 

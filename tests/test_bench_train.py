@@ -15,7 +15,7 @@ from mlx_lm.tuner.trainer import default_loss
 
 from gain_mlx import cpu
 from gain_mlx.loss import cross_entropy
-from gain_mlx.train import loss_and_grad
+from gain_mlx.trainer import loss_and_grad
 
 spec = importlib.util.spec_from_file_location(
     "bench_train", Path(__file__).resolve().parent.parent / "tools" / "bench_train.py")

@@ -18,7 +18,7 @@ from mlx_lm import load
 from gain_mlx import adapter as A
 from gain_mlx.errors import UserError
 from gain_mlx.gguf.header import GGUFFile
-from gain_mlx.train import check_finite
+from gain_mlx.trainer import check_finite
 
 from gguf_fixtures import tiny_for_gguf, write_gguf  # noqa: E402
 

@@ -23,7 +23,7 @@ import pytest
 from mlx_lm import load
 
 from gain_mlx import adapter as A
-from gain_mlx.train import CHECKPOINT_FILE
+from gain_mlx.trainer import CHECKPOINT_FILE
 
 from gguf_fixtures import tiny_for_gguf, write_gguf  # noqa: E402
 from test_faults import assert_one_line, digest  # noqa: E402

@@ -80,6 +80,9 @@ def test_lmeval_local_completions_equals_reference(served, lmeval_env, model, mo
     ref = lmeval_env.reference[model]
     out = _evaluate(served, lmeval_env, model)
     res = out["results"]
+    print(f"HTTP {model}: acc {res[MC]['acc,none']:.4f} (reference {ref[MC]['acc']:.4f}), word ppl "
+          f"{res[PPL]['word_perplexity,none']:.6g} ({ref[PPL]['word_perplexity']:.6g}), byte ppl "
+          f"{res[PPL]['byte_perplexity,none']:.6g} ({ref[PPL]['byte_perplexity']:.6g})")
     assert res[MC]["acc,none"] == ref[MC]["acc"]
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert math.isclose(res[PPL][f"{metric},none"], ref[PPL][metric], rel_tol=1e-4), metric

@@ -69,9 +69,9 @@ def test_keep_best_writes_best_checkpoint_within_budget(tiny_model_dir, tiny_dat
     model, _ = load(str(tiny_model_dir))
     A.load_adapter(model, adapter)
     _, tokenizer = load(str(tiny_model_dir))
-    from gain_mlx.train import _load_data
+    from gain_mlx.datasets import load_data
 
-    _, valid, _ = _load_data(parse_args(["--data", str(tiny_data_dir), "--max-seq-length", "128"]), tokenizer)
+    _, valid, _ = load_data(parse_args(["--data", str(tiny_data_dir), "--max-seq-length", "128"]), tokenizer)
     assert math.exp(evaluate_loss(model, valid, 4, 2, 128)) == pytest.approx(best["val_ppl"], rel=1e-5)
 
 

@@ -14,7 +14,7 @@ from mlx_lm import load
 from conftest import EXAMPLE_DATA
 from gain_mlx.experiments import sequential
 from gain_mlx.errors import UsageError
-from gain_mlx.train import evaluate_loss
+from gain_mlx.monitor import evaluate_loss
 
 
 def _domains(root):

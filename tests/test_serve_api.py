@@ -66,8 +66,10 @@ class Reference:
             self.models[name] = (model, tok)
         return self.models[name]
 
-    def __call__(self, name, ids, max_tokens):
-        """``(token ids, text)`` of greedy ``mlx_lm.stream_generate`` (EOS not included)."""
+    def __call__(self, name, ids, max_tokens, chat=False):
+        """``(token ids, text)`` of greedy ``mlx_lm.stream_generate`` (EOS not included). The
+        text: mlx-lm's streamed text for chat; for legacy completions the tokenizer's decode
+        of the tokens, which keeps a leading space (prompt + text reads as the whole)."""
         from mlx_lm import stream_generate
 
         with self.lock:
@@ -76,7 +78,7 @@ class Reference:
         tokens = [r.token for r in out]
         if out and out[-1].finish_reason == "stop":
             tokens = tokens[:-1]
-        return tokens, "".join(r.text for r in out)
+        return tokens, "".join(r.text for r in out) if chat else tok.decode(tokens)
 
 
 def free_port():
@@ -178,7 +180,7 @@ def _one(server, ref, kind, stream, name, prompt, max_tokens):
         else:
             r = client.completions.create(**args)
             text, toks = r.choices[0].text, r.choices[0].logprobs.tokens
-    want_ids, want_text = ref(name, ids, max_tokens)
+    want_ids, want_text = ref(name, ids, max_tokens, chat=kind == "chat")
     if kind != "chat":  # legacy logprobs give each token's decoded text: they join to the text
         assert "".join(toks) == text and len(toks) == len(want_ids)
         return want_ids if text == want_text else toks, text, want_ids, want_text

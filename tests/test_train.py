@@ -12,7 +12,9 @@ from mlx_lm.tuner.trainer import TrainingArgs
 
 from gain_mlx import adapter as A
 from gain_mlx.errors import UserError
-from gain_mlx.train import _load_data, main, parse_args, train_gains
+from gain_mlx.datasets import load_data
+from gain_mlx.train import main, parse_args
+from gain_mlx.trainer import train_gains
 
 FAST = ["--max-seq-length", "128", "--batch-size", "4", "--steps-per-report", "5"]
 
@@ -54,7 +56,7 @@ def test_quantized_base_trains(tiny_model_dir, tiny_data_dir):
     model, tokenizer = load(str(tiny_model_dir))
     nn.quantize(model, group_size=32, bits=4)
     args = parse_args(["--data", str(tiny_data_dir), *FAST])
-    train_set, valid_set, _ = _load_data(args, tokenizer)
+    train_set, valid_set, _ = load_data(args, tokenizer)
     A.apply_gains(model, "gain-ffn", tie_kv=True)
     assert isinstance(model.layers[0].self_attn.o_proj.base, nn.QuantizedLinear)
     opt = __import__("mlx.optimizers", fromlist=["Adam"]).Adam(learning_rate=1e-2)

@@ -8,7 +8,7 @@ peak from ``mx.get_peak_memory``):
 
 - ``convert``: the GGUF -> MLX folder (``quantized-float32``: the GPU policy's form with
   float32 compute, the compute this CPU can run; ``float32``: today's float copy);
-- ``train``: one gain-ffn training step through ``gain_mlx.train.train_gains`` (batch 1,
+- ``train``: one gain-ffn training step through ``gain_mlx.trainer.train_gains`` (batch 1,
   ``--seq`` tokens, gradient checkpointing, Adam), saving the adapter;
 - ``fuse``: ``gain_mlx.fuse.fuse`` of that adapter into the MLX folder;
 - ``export``: ``gain_mlx.gguf.export`` of that adapter into a copy of the GGUF.
@@ -148,7 +148,7 @@ def phase_train(folder: str, adapter: str, seq: int) -> dict:
     from mlx_lm.utils import load_model
 
     from gain_mlx.adapter import adapter_config, apply_gains, save_adapter
-    from gain_mlx.train import train_gains
+    from gain_mlx.trainer import train_gains
 
     model, _ = load_model(Path(folder))
     targets = apply_gains(model, variant="gain-ffn", tie_kv=True)
@@ -162,6 +162,22 @@ def phase_train(folder: str, adapter: str, seq: int) -> dict:
     save_adapter(model, Path(adapter), adapter_config(model, targets, "gain-ffn", True))
     return {"step_s": round(seconds, 1), "loss": metrics.get("train_loss"),
             "mlx_peak_bytes": mx.get_peak_memory()}
+
+
+def phase_train_cli(folder: str, adapter: str, seq: int) -> dict:
+    """The same step through ``python -m gain_mlx.train`` (data, validation at step 0 and
+    at the end, checkpoint): what a user runs."""
+    from gain_mlx.train import main as train_main
+
+    data = Path(adapter).parent / "data"
+    data.mkdir(exist_ok=True)
+    line = json.dumps({"text": " ".join(f"w{i % 250}" for i in range(seq * 2))})
+    for split in ("train", "valid"):
+        (data / f"{split}.jsonl").write_text((line + "\n") * 2)
+    train_main(["--model", folder, "--data", str(data), "--adapter-path", adapter, "--iters", "1",
+                "--batch-size", "1", "--max-seq-length", str(seq), "--grad-checkpoint", "--val-batches", "1",
+                "--retain-data", "none"])
+    return {}
 
 
 def phase_fuse(folder: str, adapter: str, out: str) -> dict:
@@ -180,7 +196,8 @@ def phase_export(gguf: str, adapter: str, out: str) -> dict:
     return {}
 
 
-PHASES = {"convert": phase_convert, "train": phase_train, "fuse": phase_fuse, "export": phase_export}
+PHASES = {"convert": phase_convert, "train": phase_train, "train-cli": phase_train_cli, "fuse": phase_fuse,
+          "export": phase_export}
 
 
 def run_phase(name: str, *args) -> dict:
@@ -188,7 +205,7 @@ def run_phase(name: str, *args) -> dict:
     env = {**os.environ, "GAIN_MLX_POLICY": "gpu", "GAIN_MLX_DTYPE": "float32"}
     cmd = [sys.executable, __file__, "--child", name, *map(str, args)]
     t = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
     out = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status):
@@ -197,7 +214,7 @@ def run_phase(name: str, *args) -> dict:
     return {**result, "wall_s": round(time.perf_counter() - t, 1), "rss_bytes": usage.ru_maxrss * 1024}
 
 
-def bench_model(name: str, work: Path, seq: int, float_max_gb: float, record) -> None:
+def bench_model(name: str, work: Path, seq: int, float_max_gb: float, record, cli: bool = False) -> None:
     s = SHAPES[name]
     gguf = work / f"{name}.Q4_K_M.gguf"
     t = time.perf_counter()
@@ -220,6 +237,8 @@ def bench_model(name: str, work: Path, seq: int, float_max_gb: float, record) ->
     q32, q16, adapter = work / "q32", work / "q16", work / "adapter"
     row("quantized-float32", "convert", run_phase("convert", gguf, "quantized-float32", q32))
     step = row("quantized-float32", "train", run_phase("train", q32, adapter, seq))
+    if cli:
+        row("quantized-float32", "train (CLI)", run_phase("train-cli", q32, work / "adapter-cli", seq))
     row("quantized-float32", "fuse", run_phase("fuse", q32, adapter, work / "fused"))
     shutil.rmtree(work / "fused")
     row("quantized-float32", "export", run_phase("export", gguf, adapter, work / "out.gguf"))
@@ -253,13 +272,14 @@ def main(argv=None) -> None:
     p.add_argument("--float-max-gb", type=float, default=14.0,
                    help="run the float32 path where the float copy is at most this large")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where the synthetic files go")
+    p.add_argument("--cli", action="store_true", help="also run the step through python -m gain_mlx.train")
     p.add_argument("--json", help="append each row here (JSON list)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         name, *rest = args.child
         result = PHASES[name](*(int(a) if a.isdigit() else a for a in rest))
-        print(json.dumps(result))
+        print("\n" + json.dumps(result))
         return
     rows = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else []
 
@@ -273,7 +293,7 @@ def main(argv=None) -> None:
     for name in args.models.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"bench_memory.{name}.", dir=args.dir))
         try:
-            bench_model(name, work, args.seq, args.float_max_gb, record)
+            bench_model(name, work, args.seq, args.float_max_gb, record, args.cli)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -41,7 +41,7 @@ from gain_mlx import cpu, policy  # noqa: E402
 from gain_mlx.adapter import apply_gains  # noqa: E402
 from gain_mlx.arch import find_targets, get_arch, get_module, input_dims  # noqa: E402
 from gain_mlx.layers import GainLinear  # noqa: E402
-from gain_mlx.train import loss_and_grad  # noqa: E402
+from gain_mlx.trainer import loss_and_grad  # noqa: E402
 
 CONFIGS = ("floor", "gain", "gain-ffn", "lora-r8", "lora-default")
 LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}  # mlx-lm's defaults

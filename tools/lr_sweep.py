@@ -17,7 +17,10 @@ from mlx_lm.tuner.trainer import TrainingArgs
 from gain_mlx import adapter, cpu, policy
 from gain_mlx.layers import GAIN_LAYERS
 from gain_mlx.loading import load_model
-from gain_mlx.train import _load_data, evaluate_loss, parse_args, train_gains
+from gain_mlx.datasets import load_data
+from gain_mlx.monitor import evaluate_loss
+from gain_mlx.train import parse_args
+from gain_mlx.trainer import train_gains
 
 
 def reset_gains(model):
@@ -70,7 +73,7 @@ def main():
     policy.start(a.fast_blas)
     args = parse_args(["--max-seq-length", str(a.max_seq_length)] + (["--data", a.data] if a.data else []))
     model, tokenizer, _ = load_model(a.model)
-    train_set, valid_set, _ = _load_data(args, tokenizer)
+    train_set, valid_set, _ = load_data(args, tokenizer)
     adapter.apply_gains(model, a.variant)
     targs = TrainingArgs(batch_size=a.batch_size, iters=a.iters, steps_per_report=a.iters,
                          steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=a.max_seq_length)

@@ -3,7 +3,7 @@
 One adapter is trained on domain 1, then domain 2, ... (``--merge``: folded into the
 weights after each domain and started afresh), and after every stage the validation
 perplexity of every domain is measured. Every method (GAIN, GAIN-FFN, mlx-lm's LoRA)
-runs through the same training loop (``gain_mlx.train.train_gains``) on the same
+runs through the same training loop (``gain_mlx.trainer.train_gains``) on the same
 batches, so budgets are identical by construction; only the trainable modules differ.
 A GAIN stage is what ``python -m gain_mlx.train --resume-adapter-file`` does on that
 domain with ``--seed <seed + stage>`` (the same gains, tested).
@@ -43,7 +43,9 @@ from ..files import atomic_write
 from ..layers import GainLinear
 from .probe import DEFAULT_PROBE, load_probe
 from .probe import score as probe_score
-from ..train import build_optimizer, evaluate_loss, train_gains
+from ..monitor import evaluate_loss
+from ..train import build_optimizer
+from ..trainer import train_gains
 
 DEFAULT_DATA_ROOT = ".cache/corpora/domains"
 CORPORA_HINT = "python tools/make_corpora.py --out {root}"
