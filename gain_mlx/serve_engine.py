@@ -488,28 +488,28 @@ class Engine:
 
     def _score(self, prompt, row, k):
         """``[(logprob, top k)]`` of prompt tokens 1..n-1 under stack row ``row``: one
-        forward pass over the prompt, log-softmax at each position."""
+        forward pass over the prompt, log-softmax at each position. Positions go in chunks
+        through a KV cache so that their float32 logits stay within the policy's budget
+        (a 2048-token prompt of a 262K vocabulary would otherwise hold 2 GB of them)."""
         import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from . import policy
 
         if len(prompt) < 2:
             return []
+        inputs = prompt[:-1]
+        step = policy.logit_chunk(1, self.vocab_size)
+        cache = make_prompt_cache(self.model) if step < len(inputs) else None
+        scores = []
         self.adapters.select([row])
         try:
-            logits = self.model(mx.array(prompt)[None])[0, :-1].astype(mx.float32)
+            for start in range(0, len(inputs), step):
+                logits = self.model(mx.array(inputs[start:start + step])[None], cache=cache)[0]
+                scores += _position_scores(logits.astype(mx.float32), prompt[start + 1:start + 1 + step], k)
         finally:
             self.adapters.select(None)
-        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        chosen = mx.take_along_axis(lp, mx.array(prompt[1:])[:, None], axis=-1)[:, 0]
-        if k:
-            idx = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
-            vals = mx.take_along_axis(lp, idx, axis=-1)
-            order = mx.argsort(-vals, axis=-1)
-            idx, vals = mx.take_along_axis(idx, order, axis=-1), mx.take_along_axis(vals, order, axis=-1)
-            mx.eval(chosen, idx, vals)
-            tops = [tuple(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
-        else:
-            tops = [()] * (len(prompt) - 1)
-        return list(zip(chosen.tolist(), tops))
+        return scores
 
     def _finish(self, uid):
         job = self._jobs.pop(uid)
@@ -577,6 +577,22 @@ def _top_logprobs(logprobs, n):
     vals = logprobs[idx]
     order = mx.argsort(-vals)
     return tuple(zip(idx[order].tolist(), vals[order].tolist()))
+
+
+def _position_scores(logits, targets, k) -> list:
+    """``[(logprob of the target, top k (token, logprob) best first)]`` per position."""
+    import mlx.core as mx
+
+    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(lp, mx.array(targets)[:, None], axis=-1)[:, 0]
+    if not k:
+        return list(zip(chosen.tolist(), [()] * len(targets)))
+    idx = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
+    vals = mx.take_along_axis(lp, idx, axis=-1)
+    order = mx.argsort(-vals, axis=-1)
+    idx, vals = mx.take_along_axis(idx, order, axis=-1), mx.take_along_axis(vals, order, axis=-1)
+    mx.eval(chosen, idx, vals)
+    return list(zip(chosen.tolist(), [tuple(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]))
 
 
 def _vocab_size(model, tokenizer):

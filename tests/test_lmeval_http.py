@@ -98,11 +98,17 @@ def test_lmeval_sees_adapters_change_scores(lmeval_env):
     assert len(set(accs.values())) == 3, accs
 
 
+@pytest.mark.parametrize("chunk", [None, 2], ids=["whole", "chunked"])
 @pytest.mark.parametrize("name", ["base", "a", "b"])
-def test_echo_logprobs_equal_fused_log_softmax(served, lmeval_env, name):
+def test_echo_logprobs_equal_fused_log_softmax(served, lmeval_env, name, chunk, monkeypatch):
     """Several token-id prompts of different lengths in one request (as lm-eval batches
     them): one choice per prompt, in order, each echoing its prompt with a logprob for
-    every token (the first null) and then the generated token's."""
+    every token (the first null) and then the generated token's. ``chunked``: a logits
+    budget of 2 positions, so prompts are scored in chunks through a KV cache."""
+    from gain_mlx import policy
+
+    if chunk:
+        monkeypatch.setattr(policy, "LOGITS_BYTES", 4 * served.engine.vocab_size * chunk)
     model, tok = lmeval_env.fused(name)
     prompts = [tok.encode(t) for t in ("Permission is granted to anyone", "All rights", "The above copyright notice shall")]
     status, r = served.post({"model": name, "prompt": prompts, "echo": True, "max_tokens": 1, "logprobs": 2,
