@@ -4,13 +4,13 @@ MLX's affine layout stores ``w = scale * q + bias`` for each group of ``group_si
 consecutive inputs of a row, ``q`` packed LSB-first into uint32 words. Q4_0, Q4_1,
 Q5_0, Q5_1, Q8_0 (blocks of 32) and Q4_K, Q5_K (sub-blocks of 32: scale ``d * sc``,
 bias ``-dmin * m``) are that layout with group size 32 once the bits are repacked
-(``EXACT``). ``d * sc`` is exact in float32; float16 scales round it (~7e-4 relative).
+(``EXACT``). ``d * sc`` is exact in float32; float16 scales round it (2-3e-4 relative).
 
 Other types (Q6_K, Q3_K, Q2_K with 16-element sub-blocks, the codebook IQ* and TQ*
 types) have no affine form at group 32: they become 8-bit affine of their dequantized
-values (``NEAREST_BITS``), an error measured per type in docs/deploy.md.
+values (``NEAREST_BITS``), an error measured per type in docs/import_errors.md.
 
-Each exact type's integers are read straight from its bits (``q_*`` below, after gguf-py's
+Each exact type's integers are read straight from its bits (the ``_q*`` functions, after gguf-py's
 dequantizers, which are bit-identical to ggml's and are the reference of the tests).
 """
 
