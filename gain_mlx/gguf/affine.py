@@ -122,11 +122,6 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(packed).view("<u4")
 
 
-def _exact_blocks(blocks: np.ndarray, qtype) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    scales, biases = EXACT[qtype].fields(blocks)
-    return EXACT[qtype].q(blocks), scales, biases
-
-
 def to_affine(raw: np.ndarray, qtype, n_in: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One tensor's raw ggml rows ``(..., bytes)`` -> MLX ``(wq, scales, biases)``,
     scales and biases in float32 (cast them to the model's dtype afterwards).
@@ -147,7 +142,7 @@ def to_affine(raw: np.ndarray, qtype, n_in: int) -> Tuple[np.ndarray, np.ndarray
         chunk = blocks[start : start + step]
         r0, r1 = start // per_row, (start + len(chunk)) // per_row
         if qtype in EXACT:
-            q, s, b = _exact_blocks(chunk, qtype)
+            q, (s, b) = EXACT[qtype].q(chunk), EXACT[qtype].fields(chunk)
         else:
             q, s, b = _nearest(dequantize(chunk, qtype).reshape(r1 - r0, n_in))
         wq[r0:r1] = pack(q.reshape(r1 - r0, n_in), bits)
@@ -157,7 +152,9 @@ def to_affine(raw: np.ndarray, qtype, n_in: int) -> Tuple[np.ndarray, np.ndarray
 
 
 def _nearest(w: np.ndarray):
-    """``NEAREST_BITS`` affine of float32 values, min/max per group (as mx.quantize)."""
+    """``NEAREST_BITS`` affine of float32 values: the group's min as bias, (max - min) /
+    levels as scale, nearest level. Not ``mx.quantize``: its rounding measured ~2x the
+    error on the 16-element-block and codebook types (7.6e-3 against 3.8e-3 on Q6_K)."""
     g = w.reshape(len(w), -1, GROUP_SIZE)
     lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
     levels = (1 << NEAREST_BITS) - 1
