@@ -203,6 +203,31 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """``publish(folder, repo_id)``: put ``folder`` in a Hub cache under ``tmp_path`` as
+    ``repo_id``'s main revision, with the Hub offline (no network is ever reached)."""
+    import shutil
+
+    import huggingface_hub.constants as C
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+
+    def publish(folder, repo_id):
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        return repo_id
+
+    return publish
+
+
+@pytest.fixture
 def device_policy(request, monkeypatch):
     """Run the test under the policy ``request.param`` ("cpu" or "gpu", see POLICY_ENV)."""
     for key in ("GAIN_MLX_POLICY", "GAIN_MLX_DTYPE"):

@@ -361,23 +361,14 @@ def test_float_target_takes_columns_exactly(tmp_path):
 
 # --- metadata -------------------------------------------------------------------------
 
-def test_hub_id_adapter_and_one_gains_hash(tmp_path, monkeypatch):
+def test_hub_id_adapter_and_one_gains_hash(tmp_path, offline_hub):
     """--adapter-path takes a Hub repo id (from the Hub cache, offline) as generate and serve
     do; the GGUF records the gains file's SHA-256, the value fuse records in fold_plan.json."""
     import hashlib
-    import shutil
-
-    import huggingface_hub.constants as C
 
     base = write_random_gguf(tmp_path / "base.gguf", tiny_for_gguf("llama", **SIZES), T.Q4_1)
     adapter = make_adapter(tmp_path / "adapter", tiny_for_gguf("llama", **SIZES))
-    repo = tmp_path / "hub" / "models--someone--legal-gain"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(adapter, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    offline_hub(adapter, "someone/legal-gain")
     export_gguf(base, adapter, tmp_path / "local.gguf", log=lambda s: None)
     export_gguf(base, "someone/legal-gain", tmp_path / "hub.gguf", log=lambda s: None)
     local, hub = GGUFReader(tmp_path / "local.gguf"), GGUFReader(tmp_path / "hub.gguf")

@@ -194,21 +194,12 @@ def _one_line_error(args, match):
     assert message.startswith("error: ") and "\n" not in message and match in message, message
 
 
-def test_hub_id_adapter_fuses_as_the_local_folder(base, adapter, tmp_path, monkeypatch):
+def test_hub_id_adapter_fuses_as_the_local_folder(base, adapter, tmp_path, offline_hub):
     """--adapter-path takes a Hub repo id (from the Hub cache, offline) as generate and serve
     do: the same weights; the plan records the gains file's SHA-256 (as export does)."""
     import hashlib
-    import shutil
 
-    import huggingface_hub.constants as C
-
-    repo = tmp_path / "hub" / "models--someone--legal-gain"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(adapter, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    offline_hub(adapter, "someone/legal-gain")
     run_fuse("--model", base, "--adapter-path", adapter, "--save-path", tmp_path / "local")
     run_fuse("--model", base, "--adapter-path", "someone/legal-gain", "--save-path", tmp_path / "hub_fused")
     w, w_hub = weights(tmp_path / "local"), weights(tmp_path / "hub_fused")

@@ -148,27 +148,14 @@ def test_chat_cli(tmp_path, tiny_model_dir, monkeypatch, capsys):
     assert out.count("\n") == 3  # the help line and two replies
 
 
-def test_adapter_from_offline_hub_cache(tmp_path, tiny_model_dir, monkeypatch, capsys):
+def test_adapter_from_offline_hub_cache(tmp_path, tiny_model_dir, offline_hub, capsys):
     """A Hub repo id resolves from a pre-populated Hub cache with HF_HUB_OFFLINE=1."""
-    import shutil
-
     from mlx_lm import load
 
     from gain_mlx import generate as G
 
     src = make_adapter(tmp_path / "a", lambda: load(str(tiny_model_dir))[0], "gain-ffn", 5)
-    cache = tmp_path / "hub"
-    repo = cache / "models--someone--legal-gain"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(src, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as C
-
-    monkeypatch.setattr(C, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    offline_hub(src, "someone/legal-gain")
     args = ["--model", str(tiny_model_dir), "-p", "The court", "-m", "6", "--no-fast-blas"]
     G.main(args + ["--adapter-path", str(src)])
     local = capsys.readouterr().out
