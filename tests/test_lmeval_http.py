@@ -4,16 +4,13 @@ gain_mlx.serve holding a base and two adapters. Scores equal the plain mlx-lm re
 on the fused models (lmeval_fixtures), and echoed logprobs equal the fused model's
 log-softmax at each prompt position."""
 
-import json
 import math
-import threading
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 
 from lmeval_fixtures import GEN, MC, PPL, lmeval_env, position_logprobs, requires_lmeval  # noqa: F401
+from serve_fixtures import Running
 
 
 def _api_packages_missing():
@@ -27,32 +24,14 @@ requires_lmeval_api = pytest.mark.skipif(
 )
 
 
-class Served:
-    def __init__(self, env):
-        from gain_mlx.serve import Engine, make_server
-
-        self.engine = Engine(str(env.model_dir), [(n, str(p)) for n, p in env.adapters.items()])
-        self.server = make_server(self.engine, port=0)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def post(self, body):
-        req = urllib.request.Request(self.url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.engine.close()
+def complete(served, body):
+    """``(status, parsed JSON)`` of a legacy completions request."""
+    return served.raw("POST", "/v1/completions", body)
 
 
 @pytest.fixture(scope="module")
 def served(lmeval_env):
-    s = Served(lmeval_env)
+    s = Running(lmeval_env.model_dir, lmeval_env.adapters)
     yield s
     s.close()
 
@@ -111,7 +90,7 @@ def test_echo_logprobs_equal_fused_log_softmax(served, lmeval_env, name, chunk, 
         monkeypatch.setattr(policy, "LOGITS_BYTES", 4 * served.engine.vocab_size * chunk)
     model, tok = lmeval_env.fused(name)
     prompts = [tok.encode(t) for t in ("Permission is granted to anyone", "All rights", "The above copyright notice shall")]
-    status, r = served.post({"model": name, "prompt": prompts, "echo": True, "max_tokens": 1, "logprobs": 2,
+    status, r = complete(served, {"model": name, "prompt": prompts, "echo": True, "max_tokens": 1, "logprobs": 2,
                              "temperature": 0, "seed": 1234})
     assert status == 200, r
     assert [c["index"] for c in r["choices"]] == [0, 1, 2]
@@ -135,23 +114,23 @@ def test_echo_logprobs_equal_fused_log_softmax(served, lmeval_env, name, chunk, 
 def test_echo_max_tokens_zero_and_eos(served, lmeval_env):
     model, tok = lmeval_env.fused("a")
     ids = tok.encode("Licensed under the Apache License")
-    status, r = served.post({"model": "a", "prompt": ids, "echo": True, "max_tokens": 0, "logprobs": 0})
+    status, r = complete(served, {"model": "a", "prompt": ids, "echo": True, "max_tokens": 0, "logprobs": 0})
     assert status == 200, r
     c = r["choices"][0]
     assert c["text"] == tok.decode(ids) and len(c["logprobs"]["token_logprobs"]) == len(ids)
     assert r["usage"]["completion_tokens"] == 0
     # the generated token is end-of-sequence: its logprob is still there (lm-eval reads [ctxlen:-1])
     eos = tok.eos_token_id
-    status, r = served.post({"model": "a", "prompt": [ids], "echo": True, "max_tokens": 1, "logprobs": 1,
+    status, r = complete(served, {"model": "a", "prompt": [ids], "echo": True, "max_tokens": 1, "logprobs": 1,
                              "logit_bias": {str(eos): 100}})
     assert status == 200, r
     c = r["choices"][0]
     assert len(c["logprobs"]["token_logprobs"]) == len(ids) + 1 and c["finish_reason"] == "stop"
     assert c["text"] == tok.decode(ids)
     # strings, several of them, and their order
-    status, r = served.post({"model": "b", "prompt": ["All rights", "Permission is"], "max_tokens": 2, "temperature": 0})
+    status, r = complete(served, {"model": "b", "prompt": ["All rights", "Permission is"], "max_tokens": 2, "temperature": 0})
     assert status == 200 and [c["index"] for c in r["choices"]] == [0, 1]
     for field, value in (("best_of", 3), ("suffix", "x"), ("frobnicate", 1)):
-        status, r = served.post({"model": "b", "prompt": "x", field: value})
+        status, r = complete(served, {"model": "b", "prompt": "x", field: value})
         assert status == 400 and r["error"]["param"] == field and field in r["error"]["message"], r
-    assert served.post({"model": "b", "prompt": "x", "max_tokens": 0})[0] == 400  # 0 only with echo
+    assert complete(served, {"model": "b", "prompt": "x", "max_tokens": 0})[0] == 400  # 0 only with echo

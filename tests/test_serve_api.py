@@ -17,7 +17,10 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
+from serve_fixtures import Running  # noqa: E402
 from test_serve import make_adapter  # noqa: E402
+
+SERVER_KW = {"max_tokens": 16}  # the default max_tokens of these tests' requests
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 PROMPTS = ["The court held that", "A patient with", "In", "The defendant argued that the contract was void because"]
@@ -87,43 +90,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-class Running:
-    def __init__(self, model_dir, adapters, api_key=None, **kw):
-        from gain_mlx.serve import Engine, make_server
-
-        self.engine = Engine(str(model_dir), [(n, str(p)) for n, p in adapters.items()], **kw)
-        self.server = make_server(self.engine, port=0, api_key=api_key, max_tokens=16)
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def client(self, key="unused"):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
-
-    def raw(self, method, path, body=None, headers=None, data=None):
-        """``(status, parsed JSON)`` of a request sent by hand."""
-        if data is None and body is not None:
-            data = json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
-        if data is not None and "Content-Type" not in (headers or {}):
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.engine.close()
-
-
 @pytest.fixture(scope="module")
 def server(served):
     model_dir, adapters, _ = served
-    s = Running(model_dir, adapters, max_prompt_tokens=64)
+    s = Running(model_dir, adapters, server_kw=SERVER_KW, max_prompt_tokens=64)
     yield s
     s.close()
 
@@ -315,7 +285,7 @@ def test_client_going_away_mid_stream(server):
 
 def test_api_key(served):
     model_dir, adapters, _ = served
-    s = Running(model_dir, {"legal": adapters["legal"]}, api_key="s3cret")
+    s = Running(model_dir, {"legal": adapters["legal"]}, api_key="s3cret", server_kw=SERVER_KW)
     try:
         with pytest.raises(openai.AuthenticationError) as e:
             s.client("wrong").completions.create(model="legal", prompt="x", max_tokens=2)
@@ -334,7 +304,7 @@ def test_api_key(served):
 
 def test_add_and_remove_adapter_at_runtime(served, ref):
     model_dir, adapters, other = served
-    s = Running(model_dir, {"legal": adapters["legal"]})
+    s = Running(model_dir, {"legal": adapters["legal"]}, server_kw=SERVER_KW)
     try:
         client = s.client()
         ids = s.engine.tokenizer.encode(PROMPTS[3])
