@@ -50,14 +50,16 @@ def n_layers_for(size_gb: float, qtype) -> int:
     return max(1, int(np.ceil(size_gb * 2**30 / per_layer)))
 
 
-def random_blocks(rows, cols, qtype, rng) -> np.ndarray:
+def random_blocks(rows, cols, qtype, rng, scale: float = 0.01) -> np.ndarray:
+    """Raw ``qtype`` bytes of a ``(rows, cols)`` tensor: random quant bits, every float
+    scale field ``scale`` (also used by bench_memory and import_errors)."""
     block, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
     layout = SCALES[qtype]
     put = CODECS[layout.kind][1]
     blocks = blocks_of(raw, qtype)
     for o in layout.offsets:
-        put(blocks, o, np.full(blocks.shape[:-1], 0.01))
+        put(blocks, o, np.full(blocks.shape[:-1], scale))
     return raw
 
 

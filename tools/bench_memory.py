@@ -36,6 +36,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_export import random_blocks  # noqa: E402
 
 SHAPES = {  # layers, hidden, ffn, heads, kv heads, vocab, tied embeddings, rope theta
     "llama-3.2-1b": dict(layers=16, hidden=2048, ffn=8192, heads=32, kv=8, vocab=128256, tied=True),
@@ -71,17 +72,6 @@ def tensors_of(s: dict):
     return out
 
 
-def random_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
-    from gain_mlx.gguf.quants import CODECS, SCALES, blocks_of
-
-    block, size = GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
-    layout, blocks = SCALES[qtype], blocks_of(raw, qtype)
-    for offset in layout.offsets:
-        CODECS[layout.kind][1](blocks, offset, np.full(blocks.shape[:-1], SCALE[qtype]))
-    return raw
-
-
 def write_synthetic(path: Path, s: dict) -> None:
     """A llama GGUF of shape ``s``, written one tensor at a time."""
     w = GGUFWriter(str(path), "llama")
@@ -107,7 +97,7 @@ def write_synthetic(path: Path, s: dict) -> None:
     w.write_ti_data_to_file()
     rng = np.random.default_rng(0)
     for _, (rows, cols), qtype in matrices:
-        w.write_tensor_data(random_blocks(rows, cols, qtype, rng))
+        w.write_tensor_data(random_blocks(rows, cols, qtype, rng, SCALE[qtype]))
     for _, n in norms:
         w.write_tensor_data(np.ones(n, np.float32))
     w.close()

@@ -22,23 +22,17 @@ from gguf.quants import dequantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gain_mlx.gguf.affine import EXACT, GROUP_SIZE, mlx_bits, to_affine  # noqa: E402
-from gain_mlx.gguf.quants import CODECS, SCALES, blocks_of  # noqa: E402
+from gain_mlx.gguf.quants import SCALES, blocks_of, scale_blocks  # noqa: E402
+from bench_export import random_blocks  # noqa: E402
 
 COLS = 4096
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def random_blocks(rows: int, qtype, rng) -> np.ndarray:
-    """Random quant bits; every float scale field 1, then the tensor scaled to std 0.02."""
-    block, size = GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, (rows, COLS // block * size), dtype=np.uint8)
-    layout, blocks = SCALES[qtype], blocks_of(raw, qtype)
-    put = CODECS[layout.kind][1]
-    for offset in layout.offsets:
-        put(blocks, offset, np.ones(blocks.shape[:-1]))
-    value = 0.02 / dequantize(raw, qtype).std()
-    for offset in layout.offsets:
-        put(blocks, offset, np.full(blocks.shape[:-1], value))
+def sane_blocks(rows: int, qtype, rng) -> np.ndarray:
+    """Random quant bits, the float scale fields set so that the values have std 0.02."""
+    raw = random_blocks(rows, COLS, qtype, rng, 1.0)
+    scale_blocks(blocks_of(raw, qtype), qtype, 0.02 / dequantize(raw, qtype).std())
     return raw
 
 
@@ -47,7 +41,7 @@ def error(w: np.ndarray, ref: np.ndarray) -> float:
 
 
 def measure(qtype, rows: int, rng) -> dict:
-    raw = random_blocks(rows, qtype, rng)
+    raw = sane_blocks(rows, qtype, rng)
     ref = dequantize(raw, qtype)
     wq, scales, biases = to_affine(raw, qtype, COLS)
     bits = mlx_bits(qtype)
