@@ -5,6 +5,9 @@ the float import, which shares no code with the affine mapping.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import gguf
 import mlx.core as mx
@@ -158,8 +161,6 @@ def test_cache_keeps_one_conversion_per_file_and_form(tmp_path, monkeypatch, cap
     assert first != other and first.is_dir() and other.is_dir()
     assert isinstance(mlx_lm.load(str(first))[0].layers[0].mlp.up_proj, nn.QuantizedLinear)
     stamp = path.stat().st_mtime_ns + 10**9
-    import os
-
     os.utime(path, ns=(stamp, stamp))  # the file changed: its quantized conversion is stale
     again = cached_convert(path, form="quantized-float16")
     assert again != first and not first.exists() and other.exists()
@@ -169,3 +170,23 @@ def test_cache_keeps_one_conversion_per_file_and_form(tmp_path, monkeypatch, cap
     gone.unlink()
     cached_convert(path, form="bfloat16")  # any new conversion sweeps those of deleted files
     assert not orphan.exists() and again.exists() and other.exists()
+
+
+@pytest.mark.parametrize("flags", [["--keep-quantization", "--quantize"], ["--keep-quantization", "--dtype", "bfloat16"]],
+                         ids=["with-quantize", "bfloat16-scales"])
+def test_cli_keep_quantization_refuses_bad_flags(tmp_path, flags):
+    path = write_random_gguf(tmp_path / "m.gguf", tiny_for_gguf("llama"), Q.Q4_0)
+    r = subprocess.run([sys.executable, "-m", "gain_mlx.convert", "--gguf", str(path), "--out", str(tmp_path / "o"),
+                        *flags], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_keep_quantization_writes_the_quantized_form(tmp_path):
+    path = write_random_gguf(tmp_path / "m.gguf", tiny_for_gguf("llama"), Q.Q4_0)
+    r = subprocess.run([sys.executable, "-m", "gain_mlx.convert", "--gguf", str(path), "--out", str(tmp_path / "o"),
+                        "--keep-quantization", "--dtype", "float16"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    model, _ = mlx_lm.load(str(tmp_path / "o"))
+    assert set(_quantized_modules(model).values()) == {4}
+    assert model.layers[0].mlp.up_proj.scales.dtype == mx.float16
